@@ -1,0 +1,213 @@
+"""``Checkpoint``: the tracked values, their staging pool, and save / write / restore / load."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anyio
+
+from . import _reader, _tree, _writer
+from ._codec import DiskModel
+from ._errors import IncompleteRestoreError
+from ._options import CheckpointOptions, SaveMetrics
+from ._restore import plan_restore
+from ._staging import StagingPool
+from ._workers import WorkerThreads
+
+__all__ = ["Checkpoint", "LoadStatus", "load"]
+
+_DEFAULT = CheckpointOptions()
+
+
+class LoadStatus:
+    """What a restore matched, as ``tf.train.Checkpoint.restore`` reports it."""
+
+    def __init__(self, missing: list[str], unexpected: list[str], *, path: str | None) -> None:
+        self.missing_keys: tuple[str, ...] = tuple(missing)
+        self.unexpected_keys: tuple[str, ...] = tuple(unexpected)
+        self.path = path
+
+    def assert_consumed(self) -> LoadStatus:
+        """Raise ``IncompleteRestoreError`` unless every saved value had a target and every
+        target got a value."""
+        if self.path is None:
+            raise IncompleteRestoreError("no checkpoint was given (restore(None)); nothing was "
+                                         "restored")
+        if self.missing_keys or self.unexpected_keys:
+            raise IncompleteRestoreError(
+                f"restore from {self.path} was partial: targets without a saved value "
+                f"{list(self.missing_keys)}, saved values without a target "
+                f"{list(self.unexpected_keys)}; call expect_partial() if that is intended")
+        return self
+
+    def assert_existing_objects_matched(self) -> LoadStatus:
+        """Raise unless every restore target got a value (extra saved values are fine)."""
+        if self.path is not None and self.missing_keys:
+            raise IncompleteRestoreError(
+                f"restore from {self.path}: targets without a saved value "
+                f"{list(self.missing_keys)}")
+        return self
+
+    def expect_partial(self) -> LoadStatus:
+        """Declare that a partial restore is intended (nothing is reported about it)."""
+        return self
+
+
+class Checkpoint:
+    """Groups the values to checkpoint; each keyword names one tracked value.
+
+    ``ckpt.model`` reads a tracked value, ``ckpt.step = 5`` replaces (or adds) one.
+    ``save_counter`` counts ``save`` calls; it is saved and restored with the checkpoint.
+    The staging pool and worker threads belong to this object and are reused by every save,
+    across event loops.
+    """
+
+    def __init__(self, **values: Any) -> None:
+        object.__setattr__(self, "_values", {})
+        object.__setattr__(self, "_save_counter", 0)
+        object.__setattr__(self, "_pool", StagingPool())
+        object.__setattr__(self, "_disk", DiskModel())
+        object.__setattr__(self, "_workers", {})
+        object.__setattr__(self, "last_save_metrics", None)
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"Checkpoint has no tracked value {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name in ("save_counter", "last_save_metrics"):
+            raise AttributeError(f"{name!r} cannot be set on a Checkpoint (names starting with "
+                                 f"'_' and save_counter are reserved)")
+        self._values[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self._values[name]
+        except KeyError:
+            raise AttributeError(f"Checkpoint has no tracked value {name!r}") from None
+
+    @property
+    def save_counter(self) -> int:
+        """Number of ``save`` calls (restored from a checkpoint by ``restore``)."""
+        return self._save_counter
+
+    @property
+    def tracked(self) -> dict[str, Any]:
+        """A copy of the name -> value mapping."""
+        return dict(self._values)
+
+    def _worker_threads(self, options: CheckpointOptions) -> WorkerThreads:
+        key = options.low_priority_threads
+        if key not in self._workers:
+            self._workers[key] = WorkerThreads(low_priority=key)
+        return self._workers[key]
+
+    async def _snapshot(self, save_counter: int, options: CheckpointOptions) -> _writer.Snapshot:
+        return await _writer.take_snapshot(self._values, save_counter, self._pool, options)
+
+    async def _write_snapshot(self, snap: _writer.Snapshot, path: str,
+                              options: CheckpointOptions, *, publish: bool = True
+                              ) -> tuple[SaveMetrics, str]:
+        metrics, where = await _writer.write_snapshot(
+            snap, path, options, self._worker_threads(options), self._disk, publish=publish)
+        object.__setattr__(self, "last_save_metrics", metrics)
+        return metrics, where
+
+    async def write(self, file_path: str | os.PathLike[str],
+                    options: CheckpointOptions | None = None) -> str:
+        """Write a checkpoint exactly at ``file_path`` (replacing one there); durable on return.
+
+        Does not change ``save_counter`` nor any state file.
+
+        Cancellation: during the snapshot, nothing happens; during the write, the write stops
+        and its temporary directory is removed (the previous checkpoint at ``file_path``, if
+        any, stays); once publication started it completes.
+        """
+        options = _options(options)
+        path = os.fspath(file_path)
+        snap = await self._snapshot(self._save_counter, options)
+        await self._write_snapshot(snap, path, options)
+        return path
+
+    async def save(self, file_prefix: str | os.PathLike[str],
+                   options: CheckpointOptions | None = None) -> str:
+        """Save to ``<file_prefix>-<n>`` with ``n = save_counter + 1``; durable on return.
+
+        ``save_counter`` is incremented once the checkpoint is published, and the checkpoint
+        is recorded in ``<dirname(file_prefix)>/checkpoint`` as TensorFlow does.
+
+        Cancellation: as for :meth:`write`; ``save_counter`` is then unchanged.
+        """
+        options = _options(options)
+        number = self._save_counter + 1
+        path = f"{os.fspath(file_prefix)}-{number}"
+        snap = await self._snapshot(number, options)
+        await self._write_snapshot(snap, path, options)
+        object.__setattr__(self, "_save_counter", number)
+        from ._manager import record_plain_save  # the state file lives with the manager
+        with anyio.CancelScope(shield=True):
+            await record_plain_save(path, sync=options.fsync)
+        return path
+
+    async def restore(self, save_path: str | os.PathLike[str] | None,
+                      options: CheckpointOptions | None = None) -> LoadStatus:
+        """Restore tracked values in place from ``save_path`` (``None``: do nothing).
+
+        Arrays are filled in place (same objects), immutable leaves are replaced in their
+        containers, ``load_state_dict`` objects receive their dict, ``save_counter`` is set.
+        Shape, dtype and structure mismatches raise ``MismatchError`` before anything changes.
+
+        Cancellation: stops reading; arrays may hold a mix of old and restored data, and no
+        immutable leaf or ``save_counter`` has changed.
+        """
+        options = _options(options)
+        if save_path is None:
+            return LoadStatus([], [], path=None)
+        path = os.fspath(save_path)
+        manifest = await _reader.read_manifest(path)
+        plan = plan_restore(manifest, self._values)
+        await _reader.read_arrays(path, plan.specs, plan.destinations,
+                                  threads=options.io_threads)
+        for name, finish in plan.finishers.items():
+            self._values[name] = finish()
+        object.__setattr__(self, "_save_counter", manifest.save_counter)
+        return LoadStatus(plan.missing, plan.unexpected, path=path)
+
+
+def _options(options: CheckpointOptions | None) -> CheckpointOptions:
+    if options is None:
+        return _DEFAULT
+    if not isinstance(options, CheckpointOptions):
+        raise TypeError(f"options must be a CheckpointOptions, got {type(options).__qualname__}")
+    return options
+
+
+async def load(path: str | os.PathLike[str],
+               options: CheckpointOptions | None = None) -> dict[str, Any]:
+    """Read a checkpoint into a fresh tree: ``{name: value, ..., "save_counter": n}``.
+
+    Arrays come back as numpy arrays (bfloat16 and float8 as ml_dtypes arrays), scalars as
+    their own types, containers with their key types; ``state_dict`` objects as their dicts.
+
+    Cancellation: the read is abandoned; nothing was changed.
+    """
+    options = _options(options)
+    directory = os.fspath(path)
+    manifest = await _reader.read_manifest(directory)
+    specs = list(manifest.arrays)
+    arrays = [_empty(spec) for spec in specs]
+    await _reader.read_arrays(directory, specs, arrays, threads=options.io_threads)
+    tree: dict[str, Any] = {name: _tree.node_to_value(node, arrays.__getitem__)
+                            for name, node in manifest.values.items()}
+    tree["save_counter"] = manifest.save_counter
+    return tree
+
+
+def _empty(spec: Any) -> Any:
+    import numpy as np
+    return np.empty(spec.shape, spec.dtype)

@@ -1,0 +1,192 @@
+"""Chunk codec: byte-shuffle, zstd, the adaptive compress-or-not decision, checksums.
+
+One :class:`Encoder` / :class:`Decoder` per worker thread (zstd contexts are not shared).
+Everything here releases the GIL on the big buffers (zstd, zlib.crc32, numpy copies).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+
+import numpy as np
+import zstandard
+
+from ._format import Chunk
+
+__all__ = ["DiskModel", "Encoder", "Decoder", "ChunkDamaged"]
+
+_PROBE_BYTES = 64 << 10
+_MAX_WINDOW = 128 << 20
+
+
+class ChunkDamaged(Exception):
+    """A chunk's stored bytes failed verification (turned into CorruptCheckpointError)."""
+
+
+class DiskModel:
+    """Running estimate of the durable write bandwidth, shared by the saves of one Checkpoint.
+
+    The adaptive decision compares it with the compression speed measured per chunk.
+    Before the first measurement it assumes ``initial_bps``.
+    """
+
+    def __init__(self, initial_bps: float = 1.5e9) -> None:
+        self._bps = initial_bps
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self._bps
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes < (16 << 20) or seconds <= 0:
+            return  # too small to say anything about the disk
+        with self._lock:
+            self._bps = 0.5 * self._bps + 0.5 * (nbytes / seconds)
+
+
+def shuffle_into(src: np.ndarray, itemsize: int, out: np.ndarray) -> np.ndarray:
+    """Byte-shuffle ``src`` (uint8, length a multiple of itemsize) into ``out``."""
+    n = src.size // itemsize
+    planes = out[: src.size].reshape(itemsize, n)
+    grid = src.reshape(n, itemsize)
+    for k in range(itemsize):
+        planes[k] = grid[:, k]
+    return out[: src.size]
+
+
+def unshuffle_into(src: np.ndarray, itemsize: int, out: np.ndarray) -> None:
+    """Inverse of :func:`shuffle_into`: ``out`` (uint8, C-contiguous) gets the raw bytes."""
+    n = out.size // itemsize
+    grid = out.reshape(n, itemsize)
+    planes = src[: out.size].reshape(itemsize, n)
+    for k in range(itemsize):
+        grid[:, k] = planes[k]
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level``, created (and warmed up) once."""
+    cache = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+        cache[level].compress(bytes(_PROBE_BYTES))  # first use allocates; keep it out of timings
+    return cache[level]
+
+
+def _scratch(name: str, nbytes: int) -> np.ndarray:
+    """This thread's reusable buffer ``name`` of at least ``nbytes`` (touched once)."""
+    buf = _local.__dict__.get(name)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        buf.fill(0)
+        setattr(_local, name, buf)
+    return buf
+
+
+class Encoder:
+    """Turns one raw chunk into stored bytes (per worker thread)."""
+
+    def __init__(self, *, compression: str, level: int, adaptive: bool, shuffle: bool,
+                 chunk_bytes: int, disk: DiskModel, threads: int) -> None:
+        self._zstd = _compressor(level) if compression == "zstd" else None
+        self._adaptive = adaptive
+        self._shuffle = shuffle
+        self._disk = disk
+        self._threads = threads
+        self._scratch = _scratch("scratch", chunk_bytes) if shuffle else None
+        self._probe = _scratch("probe", _PROBE_BYTES)
+
+    def encode(self, raw: np.ndarray, itemsize: int) -> tuple[memoryview | bytes, str, str]:
+        """Return (stored bytes, codec, filter) for ``raw`` (a uint8 view, not modified)."""
+        if self._zstd is None:
+            return memoryview(raw), "raw", "none"
+        use_shuffle = self._shuffle and itemsize > 1
+        if self._adaptive and not self._pays_off(raw, itemsize, use_shuffle):
+            return memoryview(raw), "raw", "none"
+        data = shuffle_into(raw, itemsize, self._scratch) if use_shuffle else raw
+        out = self._zstd.compress(data)
+        if len(out) >= raw.size:
+            return memoryview(raw), "raw", "none"
+        return out, "zstd", "shuffle" if use_shuffle else "none"
+
+    def _pays_off(self, raw: np.ndarray, itemsize: int, use_shuffle: bool) -> bool:
+        """Compress a sample from the middle of the chunk and weigh CPU time against disk time.
+
+        With ``T`` threads each owning ``disk/T`` of the disk, compressing a chunk of ratio
+        ``r`` at ``C`` bytes/s saves time iff ``1/C + r/(disk/T) < 1/(disk/T)``, that is iff
+        ``r < 1 - (disk/T)/C``.
+        """
+        size = min(raw.size, _PROBE_BYTES) // itemsize * itemsize
+        if size == 0:
+            return False
+        start = (raw.size // 2) // itemsize * itemsize
+        start = min(start, raw.size - size)
+        sample = raw[start:start + size]
+        if use_shuffle:
+            sample = shuffle_into(sample, itemsize, self._probe)
+        t0 = time.perf_counter()
+        ratio = len(self._zstd.compress(sample)) / size  # type: ignore[union-attr]
+        speed = size / max(time.perf_counter() - t0, 1e-7)
+        per_thread_disk = self._disk.bytes_per_second / self._threads
+        return ratio < 1.0 - per_thread_disk / speed
+
+
+class Decoder:
+    """Verifies and decodes stored chunks into destination memory (per worker thread)."""
+
+    def __init__(self) -> None:
+        self._zstd = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+        self._scratch = np.empty(0, dtype=np.uint8)
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        if self._scratch.size < nbytes:
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch[:nbytes]
+
+    def verify(self, stored: memoryview, chunk: Chunk) -> None:
+        if zlib.crc32(stored) != chunk.crc32:
+            raise ChunkDamaged("checksum mismatch")
+
+    def decode(self, stored: memoryview, chunk: Chunk, itemsize: int, out: np.ndarray) -> None:
+        """Check ``stored`` against ``chunk`` and write the raw bytes into ``out`` (uint8).
+
+        A raw, unfiltered chunk is best read straight into ``out`` and checked with
+        :meth:`verify` instead.
+        """
+        self.verify(stored, chunk)
+        target = self._buffer(chunk.raw_len) if chunk.filter == "shuffle" else out
+        if chunk.codec == "raw":
+            target[:] = np.frombuffer(stored, dtype=np.uint8)
+        else:
+            self._inflate(stored, chunk, target)
+        if chunk.filter == "shuffle":
+            unshuffle_into(target, itemsize, out)
+
+    def _inflate(self, stored: memoryview, chunk: Chunk, target: np.ndarray) -> None:
+        try:
+            params = zstandard.get_frame_parameters(stored)
+        except zstandard.ZstdError as exc:
+            raise ChunkDamaged(f"bad zstd frame header ({exc})") from exc
+        if params.content_size != chunk.raw_len:
+            raise ChunkDamaged(f"zstd frame declares {params.content_size} bytes, the manifest "
+                               f"says {chunk.raw_len}")
+        if params.window_size > _MAX_WINDOW:
+            raise ChunkDamaged(f"zstd window of {params.window_size} bytes is too large")
+        try:
+            with self._zstd.stream_reader(stored, read_across_frames=True) as reader:
+                view = memoryview(target).cast("B")
+                filled = 0
+                while filled < chunk.raw_len:
+                    n = reader.readinto(view[filled:])
+                    if n == 0:
+                        raise ChunkDamaged("zstd frame ends early")
+                    filled += n
+                if reader.read(1):
+                    raise ChunkDamaged("data after the zstd frame")
+        except zstandard.ZstdError as exc:
+            raise ChunkDamaged(f"zstd: {exc}") from exc

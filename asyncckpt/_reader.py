@@ -1,0 +1,161 @@
+"""Reading a checkpoint: manifest, then chunks verified and decoded in parallel.
+
+Chunks go straight into their destination arrays (raw chunks are read in place and then
+checked); only non-contiguous destinations need a temporary. Every file is untrusted: the
+manifest is fully validated (:mod:`._format`), shard files are opened without following
+symlinks, must be regular files, and must hold every range the manifest points into.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+
+import anyio
+import numpy as np
+
+from . import _fs
+from ._codec import ChunkDamaged, Decoder
+from ._errors import CorruptCheckpointError, RestoreError, first_error
+from ._format import MANIFEST_LIMIT, MANIFEST_NAME, ArraySpec, Chunk, Manifest, decode_manifest
+
+__all__ = ["read_manifest", "read_arrays", "byte_view"]
+
+
+async def read_manifest(path: str) -> Manifest:
+    """Read and validate ``path``'s manifest.
+
+    Cancellation: the read is abandoned; nothing was changed.
+    """
+    if not await anyio.to_thread.run_sync(_fs.is_dir, path):
+        raise RestoreError(f"no checkpoint at {path}: it is not a directory")
+    source = os.path.join(path, MANIFEST_NAME)
+    try:
+        data = await _fs.read_small(source, MANIFEST_LIMIT + 64)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{source} is missing: {path} is not a complete "
+                                     f"checkpoint") from exc
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"cannot read {source}: {exc}") from exc
+    return decode_manifest(data, source=source)
+
+
+def byte_view(array: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array as a flat uint8 view (shares memory)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+class _Shards:
+    """Shard files opened once per restore, each checked to hold its chunks."""
+
+    def __init__(self, directory: str, specs: list[ArraySpec]) -> None:
+        self.fds: dict[str, int] = {}
+        needed: dict[str, int] = {}
+        for spec in specs:
+            for c in spec.chunks:
+                needed[c.file] = max(needed.get(c.file, 0), c.offset + c.stored_len)
+        try:
+            for name, end in needed.items():
+                path = os.path.join(directory, name)
+                try:
+                    self.fds[name] = fd = _fs.open_read(path)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.ENOTDIR):
+                        raise CorruptCheckpointError(
+                            f"shard {path} is missing or not a regular file ({exc.strerror})"
+                        ) from exc
+                    raise
+                size = _fs.file_size(fd)
+                if size < end:
+                    raise CorruptCheckpointError(
+                        f"shard {path} is truncated: {size} bytes, the manifest needs {end}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            _fs.close(fd)
+        self.fds.clear()
+
+
+def _read_worker(directory: str, jobs: list[tuple[ArraySpec, Chunk, int, np.ndarray]],
+                 counter: itertools.count, shards: _Shards, abort: threading.Event) -> None:
+    decoder = Decoder()
+    scratch = bytearray()
+    while not abort.is_set():
+        i = next(counter)
+        if i >= len(jobs):
+            return
+        spec, chunk, start, out_bytes = jobs[i]
+        out = out_bytes[start:start + chunk.raw_len]
+        fd = shards.fds[chunk.file]
+        try:
+            if chunk.codec == "raw" and chunk.filter == "none":
+                _fs.pread_into(fd, memoryview(out), chunk.offset)
+                decoder.verify(memoryview(out), chunk)
+            else:
+                if len(scratch) < chunk.stored_len:
+                    scratch = bytearray(chunk.stored_len)
+                stored = memoryview(scratch)[:chunk.stored_len]
+                _fs.pread_into(fd, stored, chunk.offset)
+                decoder.decode(stored, chunk, spec.dtype.itemsize, out)
+        except (ChunkDamaged, EOFError) as exc:
+            abort.set()
+            raise CorruptCheckpointError(
+                f"{spec.path}: chunk at {os.path.join(directory, chunk.file)}:{chunk.offset} "
+                f"is damaged ({exc}); restore from another checkpoint") from exc
+        except BaseException:
+            abort.set()
+            raise
+
+
+async def read_arrays(directory: str, specs: list[ArraySpec], destinations: list[np.ndarray],
+                      *, threads: int) -> None:
+    """Fill each destination array (matching shape and dtype) from its spec's chunks.
+
+    Cancellation: workers stop after their current chunk; destinations may then hold a mix
+    of old and restored data.
+    """
+    staged: list[tuple[np.ndarray, np.ndarray]] = []   # non-contiguous dest <- temporary
+    jobs = []
+    for spec, dest in zip(specs, destinations):
+        target = dest
+        if not dest.flags.c_contiguous:
+            target = np.empty(dest.shape, dest.dtype)
+            staged.append((dest, target))
+        out_bytes = byte_view(target)
+        start = 0
+        for chunk in spec.chunks:
+            jobs.append((spec, chunk, start, out_bytes))
+            start += chunk.raw_len
+    jobs.sort(key=lambda j: (j[1].file, j[1].offset))
+    shards = await anyio.to_thread.run_sync(_Shards, directory, specs)
+    abort = threading.Event()
+    counter = itertools.count()
+    limiter = anyio.CapacityLimiter(max(1, threads))
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(threads, len(jobs))):
+                tg.start_soon(lambda: anyio.to_thread.run_sync(
+                    _read_worker, directory, jobs, counter, shards, abort, limiter=limiter))
+    except Exception as exc:
+        first = first_error(exc)
+        if isinstance(first, RestoreError):
+            raise first from first.__cause__
+        if isinstance(first, OSError):
+            raise RestoreError(f"reading {directory} failed: {first}; the checkpoint may be "
+                               f"fine, check the storage") from first
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shards.close)
+    if staged:
+        await anyio.to_thread.run_sync(_copy_back, staged)
+
+
+def _copy_back(staged: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for dest, tmp in staged:
+        np.copyto(dest, tmp)

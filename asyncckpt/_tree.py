@@ -1,0 +1,193 @@
+"""Tree flattening: tracked values <-> manifest nodes plus a flat list of arrays.
+
+See docs/format.md ("Nodes", "Key paths") for the encoding. No I/O here.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = [
+    "ArrayLeaf", "flatten", "escape_segment", "join_path", "dtype_to_str", "str_to_dtype",
+    "decode_scalar", "has_state_dict", "node_to_value",
+]
+
+_INT_RE = re.compile(r"-?[0-9]+\Z")
+_NUMPY_DTYPE_RE = re.compile(
+    r"[<>|=]?(?:b1|[iu][1248]|f(?:2|4|8|12|16)|c(?:8|16|24|32)|[mM]8(?:\[[0-9]*[a-zA-Z]{1,3}\])?"
+    r"|[SUV][1-9][0-9]{0,7})\Z"
+)
+_ML_DTYPE_NAMES = frozenset({
+    "bfloat16", "float8_e3m4", "float8_e4m3", "float8_e4m3b11fnuz", "float8_e4m3fn",
+    "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn",
+    "float6_e2m3fn", "float6_e3m2fn", "int2", "int4", "uint2", "uint4",
+})
+
+
+@dataclass(frozen=True)
+class ArrayLeaf:
+    """An array to be saved: its key path and the caller's array (not yet copied)."""
+
+    path: str
+    array: np.ndarray
+
+
+def escape_segment(key: str | int) -> str:
+    """One key-path segment (docs/format.md, "Key paths")."""
+    if isinstance(key, int):
+        return str(key)
+    seg = key.replace("~", "~0").replace("/", "~1")
+    return "~2" + seg if _INT_RE.match(seg) else seg
+
+
+def join_path(prefix: str, key: str | int) -> str:
+    return f"{prefix}/{escape_segment(key)}" if prefix else escape_segment(key)
+
+
+def has_state_dict(value: object) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None)
+    )
+
+
+def dtype_to_str(dtype: np.dtype, path: str) -> str:
+    """The manifest name of an array's dtype; ``TypeError`` for dtypes v1 cannot store."""
+    if dtype.type.__module__.startswith("ml_dtypes"):
+        if dtype.name in _ML_DTYPE_NAMES:
+            return dtype.name
+    elif not dtype.hasobject and dtype.names is None and dtype.subdtype is None:
+        text = dtype.str
+        if _NUMPY_DTYPE_RE.match(text):
+            return text
+    raise TypeError(
+        f"{path}: arrays of dtype {dtype} cannot be saved (object and structured dtypes are "
+        f"not supported); convert it to a plain numeric, bool, string or bytes dtype"
+    )
+
+
+def str_to_dtype(text: object) -> np.dtype:
+    """Parse a manifest dtype; raises ``ValueError`` for anything not allowed."""
+    if not isinstance(text, str):
+        raise ValueError(f"dtype must be a string, got {text!r}")
+    if text in _ML_DTYPE_NAMES:
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise ValueError(
+                f"dtype {text} needs the ml_dtypes package: pip install ml_dtypes"
+            ) from exc
+        return np.dtype(getattr(ml_dtypes, text))
+    if not _NUMPY_DTYPE_RE.match(text):
+        raise ValueError(f"unknown dtype {text!r}")
+    return np.dtype(text)
+
+
+def flatten(name: str, value: Any) -> tuple[dict[str, Any], list[ArrayLeaf]]:
+    """Encode one tracked value as a manifest node; arrays are collected, not copied."""
+    arrays: list[ArrayLeaf] = []
+    node = _encode(value, name, arrays, 0, set())
+    return node, arrays
+
+
+def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
+            active: set[int]) -> dict[str, Any]:
+    if depth > 400:
+        raise ValueError(f"{path}: nesting is deeper than 400 levels")
+    if isinstance(value, np.ndarray):
+        dtype_to_str(value.dtype, path)
+        arrays.append(ArrayLeaf(path, value))
+        return {"t": "array", "index": len(arrays) - 1}
+    if isinstance(value, np.generic):
+        if isinstance(value, np.object_):
+            raise TypeError(f"{path}: numpy object scalars cannot be saved")
+        return {"t": "scalar", "dtype": dtype_to_str(value.dtype, path),
+                "value": base64.b64encode(value.tobytes()).decode("ascii")}
+    if value is None:
+        return {"t": "none"}
+    if isinstance(value, bool):
+        return {"t": "bool", "value": value}
+    if isinstance(value, int):
+        return {"t": "int", "value": int(value)}
+    if isinstance(value, float):
+        return {"t": "float", "value": float(value).hex()}
+    if isinstance(value, str):
+        return {"t": "str", "value": value}
+    if isinstance(value, bytes):
+        return {"t": "bytes", "value": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, (dict, list, tuple)) or has_state_dict(value):
+        if id(value) in active:
+            raise ValueError(f"{path}: the tree contains a reference cycle")
+        active.add(id(value))
+        try:
+            return _encode_container(value, path, arrays, depth, active)
+        finally:
+            active.discard(id(value))
+    raise TypeError(
+        f"{path}: cannot save a value of type {type(value).__qualname__}; leaves must be numpy "
+        f"arrays or scalars, int, float, bool, str, bytes or None, in dict/list/tuple "
+        f"containers, or objects with state_dict()/load_state_dict()"
+    )
+
+
+def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
+                      active: set[int]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(
+                    f"{path}: dict key {key!r} has type {type(key).__qualname__}; only str and "
+                    f"int keys can be saved"
+                )
+            items.append([key if isinstance(key, str) else int(key),
+                          _encode(item, join_path(path, key), arrays, depth + 1, active)])
+        return {"t": "dict", "items": items}
+    if isinstance(value, (list, tuple)):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return {"t": kind, "items": [_encode(item, join_path(path, i), arrays, depth + 1, active)
+                                     for i, item in enumerate(value)]}
+    state = value.state_dict()
+    if not isinstance(state, dict):
+        raise TypeError(f"{path}: state_dict() returned {type(state).__qualname__}, not a dict")
+    return {"t": "state", "value": _encode_container(state, path, arrays, depth, active)}
+
+
+def decode_scalar(node: dict[str, Any]) -> Any:
+    """The Python value of a leaf node other than ``array`` (nodes are already validated)."""
+    kind = node["t"]
+    if kind == "none":
+        return None
+    if kind in ("bool", "int", "str"):
+        return node["value"]
+    if kind == "float":
+        return float.fromhex(node["value"])
+    if kind == "bytes":
+        return base64.b64decode(node["value"], validate=True)
+    if kind == "scalar":
+        dtype = str_to_dtype(node["dtype"])
+        raw = base64.b64decode(node["value"], validate=True)
+        if len(raw) != dtype.itemsize:
+            raise ValueError(f"scalar of dtype {node['dtype']} has {len(raw)} bytes")
+        return np.frombuffer(raw, dtype=dtype)[0]
+    raise ValueError(f"unknown node type {kind!r}")
+
+
+def node_to_value(node: dict[str, Any], array_at: Callable[[int], np.ndarray]) -> Any:
+    """Rebuild a fresh value from a validated node (``state`` nodes become their dicts)."""
+    kind = node["t"]
+    if kind == "dict":
+        return {key: node_to_value(child, array_at) for key, child in node["items"]}
+    if kind == "list":
+        return [node_to_value(child, array_at) for child in node["items"]]
+    if kind == "tuple":
+        return tuple(node_to_value(child, array_at) for child in node["items"])
+    if kind == "state":
+        return node_to_value(node["value"], array_at)
+    if kind == "array":
+        return array_at(node["index"])
+    return decode_scalar(node)

@@ -1,0 +1,297 @@
+"""Snapshot and write: the save pipeline up to (and through) publication.
+
+1. :func:`take_snapshot` flattens the tracked values and copies every array into an arena of
+   the staging pool, in parallel slices on worker threads. It is the only blocking part.
+2. :func:`write_snapshot` splits the staged bytes into chunks; ``io_threads`` low-priority
+   workers each take chunks one at a time, encode them (adaptive zstd), checksum them and
+   append them to their own shard file, then fsync it. Memory in flight is the staged state
+   plus one encoded chunk per worker. The manifest is then written and the directory published
+   by :mod:`._commit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import anyio
+import numpy as np
+
+from . import _commit, _fs, _tree
+from ._codec import DiskModel, Encoder
+from ._errors import SaveError, first_error
+from ._format import Chunk, encode_manifest, shard_name
+from ._options import CheckpointOptions, SaveMetrics
+from ._staging import Arena, StagingPool
+from ._workers import WorkerThreads
+
+__all__ = ["Snapshot", "take_snapshot", "write_snapshot"]
+
+_SLICE_BYTES = 32 << 20
+_WRITEBACK_BYTES = 64 << 20
+
+
+@dataclass
+class Snapshot:
+    """A state copied into staging memory: what the background write needs, nothing else."""
+
+    save_counter: int
+    values: dict[str, Any]                      # manifest nodes per tracked name
+    arrays: list[tuple[str, np.dtype, tuple[int, ...], int]]  # path, dtype, shape, arena offset
+    arena: Arena | None
+    pool: StagingPool
+    raw_bytes: int
+    started: float
+    snapshot_seconds: float
+    page_locked: bool
+
+    def release(self) -> None:
+        if self.arena is not None:
+            self.pool.release(self.arena)
+            self.arena = None
+
+
+def _layout(leaves: list[_tree.ArrayLeaf]) -> tuple[list[int], int]:
+    offsets, end = [], 0
+    for leaf in leaves:
+        align = 4096 if leaf.array.nbytes >= (64 << 10) else 64
+        end = -(-end // align) * align
+        offsets.append(end)
+        end += leaf.array.nbytes
+    return offsets, end
+
+
+def _copy_jobs(leaves: list[_tree.ArrayLeaf], offsets: list[int], arena: Arena
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(destination, source) pairs, big arrays cut into row slices for parallel copying."""
+    jobs = []
+    for leaf, offset in zip(leaves, offsets):
+        src = leaf.array
+        dst = arena.view(offset, src.nbytes).view(src.dtype).reshape(src.shape)
+        rows = src.shape[0] if src.ndim else 1
+        if src.nbytes <= _SLICE_BYTES or rows < 2:
+            jobs.append((dst, src))
+            continue
+        step = max(1, rows * _SLICE_BYTES // src.nbytes)
+        jobs.extend((dst[i:i + step], src[i:i + step]) for i in range(0, rows, step))
+    return jobs
+
+
+def _copy_all(jobs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for dst, src in jobs:
+        np.copyto(dst, src, casting="no")
+
+
+async def take_snapshot(values: dict[str, Any], save_counter: int, pool: StagingPool,
+                        options: CheckpointOptions) -> Snapshot:
+    """Copy the tracked values into staging memory; afterwards the caller may change them.
+
+    Cancellation: the staging memory is returned and nothing else happened (no trace).
+    """
+    started = time.perf_counter()
+    nodes: dict[str, Any] = {}
+    leaves: list[_tree.ArrayLeaf] = []
+    for name, value in values.items():
+        node, found = _tree.flatten(name, value)
+        _renumber(node, len(leaves))
+        nodes[name] = node
+        leaves.extend(found)
+    offsets, total = _layout(leaves)
+    budget = options.staging_budget_bytes or 2 * total
+    arena = await pool.acquire(total, budget=budget, page_lock=options.page_lock) if leaves else None
+    try:
+        if arena is not None:
+            jobs = _copy_jobs(leaves, offsets, arena)
+            bins: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
+            loads = [0, 0]
+            for job in sorted(jobs, key=lambda j: -j[1].nbytes):
+                k = loads.index(min(loads))
+                bins[k].append(job)
+                loads[k] += job[1].nbytes
+            async with anyio.create_task_group() as tg:
+                for part in bins:
+                    if part:
+                        tg.start_soon(anyio.to_thread.run_sync, _copy_all, part)
+    except BaseException:
+        if arena is not None:
+            pool.release(arena)
+        raise
+    arrays = [(leaf.path, leaf.array.dtype, leaf.array.shape, off)
+              for leaf, off in zip(leaves, offsets)]
+    return Snapshot(save_counter, nodes, arrays, arena, pool, sum(a.array.nbytes for a in leaves),
+                    started, time.perf_counter() - started,
+                    arena.page_locked if arena is not None else options.page_lock)
+
+
+def _renumber(node: Any, base: int) -> None:
+    if not base:
+        return
+    if node["t"] == "array":
+        node["index"] += base
+    elif node["t"] == "state":
+        _renumber(node["value"], base)
+    elif node["t"] in ("list", "tuple"):
+        for child in node["items"]:
+            _renumber(child, base)
+    elif node["t"] == "dict":
+        for _, child in node["items"]:
+            _renumber(child, base)
+
+
+@dataclass(frozen=True)
+class _Task:
+    array: int
+    raw: np.ndarray     # uint8 view of staged bytes
+    itemsize: int
+
+
+def _tasks(snap: Snapshot, chunk_bytes: int) -> list[_Task]:
+    tasks = []
+    assert snap.arena is not None or not snap.arrays
+    for i, (_, dtype, shape, offset) in enumerate(snap.arrays):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
+        for start in range(0, nbytes, step):
+            raw = snap.arena.view(offset + start, min(step, nbytes - start))  # type: ignore[union-attr]
+            tasks.append(_Task(i, raw, dtype.itemsize))
+    return tasks
+
+
+def _shard_worker(tmp: str, index: int, tasks: list[_Task], counter: Callable[[], int],
+                  make_encoder: Callable[[], Encoder], sync: bool, abort: threading.Event,
+                  results: list[tuple[int, Chunk] | None]) -> int:
+    """Append chunks to this worker's shard until none are left; returns bytes written."""
+    name = shard_name(index)
+    encoder = make_encoder()  # in this thread: it uses thread-local zstd contexts
+    fd = None
+    offset = flushed = 0
+    try:
+        while not abort.is_set():
+            i = counter()
+            if i >= len(tasks):
+                break
+            task = tasks[i]
+            stored, codec, filt = encoder.encode(task.raw, task.itemsize)
+            crc = zlib.crc32(stored)
+            if fd is None:
+                fd = _fs.open_new(os.path.join(tmp, name))
+            _fs.write_all(fd, stored)
+            size = len(stored) if isinstance(stored, bytes) else stored.nbytes
+            results[i] = (task.array, Chunk(name, offset, size, task.raw.size, codec, filt, crc))
+            offset += size
+            if sync and offset - flushed >= _WRITEBACK_BYTES:
+                _fs.start_writeback(fd, flushed, offset - flushed)
+                flushed = offset
+        if fd is not None and sync and not abort.is_set():
+            _fs.fsync(fd)
+    except BaseException:
+        abort.set()
+        raise
+    finally:
+        if fd is not None:
+            _fs.close(fd)
+    return offset
+
+
+async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
+                         workers: WorkerThreads, disk: DiskModel, *, publish: bool = True
+                         ) -> tuple[SaveMetrics, str]:
+    """Write a snapshot for ``path``; always releases the staging memory.
+
+    With ``publish``, the checkpoint is published at ``path`` and ``(metrics, path)`` is
+    returned. Without, it is left complete and sealed in a temporary directory next to
+    ``path`` and ``(metrics, temporary directory)`` is returned: the caller publishes it
+    (``_commit.publish``) or removes it.
+
+    Raises ``SaveError`` (with the cause) on any failure; the temporary directory is then
+    removed and whatever was at ``path`` before is untouched.
+
+    Cancellation: before publication starts, the workers stop after their current chunk, the
+    temporary directory is removed and nothing is published; publication itself is shielded.
+    """
+    tmp = _commit.temp_dir_for(path)
+    try:
+        await anyio.to_thread.run_sync(_prepare, path, tmp)
+        tasks = _tasks(snap, options.chunk_bytes)
+        results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
+        abort = threading.Event()
+        counter = itertools.count().__next__
+        threads = min(options.io_threads, len(tasks))
+        write_started = time.perf_counter()
+        written = [0] * threads
+
+        async def run_worker(k: int) -> None:
+            make_encoder = functools.partial(
+                Encoder, compression=options.compression, level=options.compression_level,
+                adaptive=options.adaptive_compression, shuffle=options.byte_shuffle,
+                chunk_bytes=options.chunk_bytes, disk=disk, threads=threads)
+            written[k] = await workers.run(
+                lambda: _shard_worker(tmp, k, tasks, counter, make_encoder, options.fsync,
+                                      abort, results),
+                on_cancel=abort.set)
+
+        async with anyio.create_task_group() as tg:
+            for k in range(threads):
+                tg.start_soon(run_worker, k)
+        stored = sum(written)
+        disk.observe(stored, time.perf_counter() - write_started)
+        await _commit.seal(tmp, _manifest(snap, results), sync=options.fsync)
+        if publish:
+            await _commit.publish(tmp, path, sync=options.fsync)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_fs.remove_tree, tmp)
+        cause = first_error(exc)
+        if isinstance(cause, SaveError):
+            raise cause
+        if isinstance(cause, Exception):
+            raise SaveError(_describe(cause, path)) from cause
+        raise
+    finally:
+        snap.release()
+    compressed = sum(1 for r in results if r is not None and r[1].codec == "zstd")
+    return SaveMetrics(
+        raw_bytes=snap.raw_bytes, stored_bytes=stored, snapshot_seconds=snap.snapshot_seconds,
+        total_seconds=time.perf_counter() - snap.started,
+        page_locked=snap.page_locked,
+        chunks=len(tasks), compressed_chunks=compressed), path if publish else tmp
+
+
+def seconds_since(started: float) -> float:
+    """Seconds since a ``Snapshot.started`` reading (the manager keeps no clock of its own,
+    so tests can mock its ``time.time`` as TensorFlow's tests do)."""
+    return time.perf_counter() - started
+
+
+def _prepare(path: str, tmp: str) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        _fs.makedirs(parent)
+    _commit.recover_replaced(path)
+    _fs.mkdir(tmp)
+
+
+def _manifest(snap: Snapshot, results: list[tuple[int, Chunk] | None]) -> bytes:
+    per_array: list[list[Chunk]] = [[] for _ in snap.arrays]
+    for item in results:
+        if item is None:
+            raise SaveError("internal error: a chunk was not written")
+        per_array[item[0]].append(item[1])
+    arrays = [{"path": p, "dtype": _tree.dtype_to_str(dt, p), "shape": list(shape),
+               "chunks": [c.to_json() for c in chunks]}
+              for (p, dt, shape, _), chunks in zip(snap.arrays, per_array)]
+    return encode_manifest(snap.save_counter, snap.values, arrays)
+
+
+def _describe(exc: BaseException, path: str) -> str:
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (f"saving {path} failed: {exc.strerror or exc}{where} [errno {exc.errno}]; "
+                f"nothing was published and the previous checkpoint is untouched")
+    return f"saving {path} failed: {exc!r}; nothing was published"
