@@ -114,8 +114,14 @@ def write_owner(directory: str, owner: tuple[str, int], *, sync: bool) -> None:
 
 
 def write_retire(directory: str, names: list[str], *, sync: bool) -> None:
-    _write_sync(os.path.join(directory, RETIRE_NAME), "".join(n + "\n" for n in names).encode(),
-                sync)
+    """Add ``names`` to the retire list (names left by an unfinished retirement stay)."""
+    path = os.path.join(directory, RETIRE_NAME)
+    try:
+        old = _fs.read_small_sync(path, 1 << 20).decode("utf-8", "replace").splitlines()
+    except (FileNotFoundError, ValueError):
+        old = []
+    merged = list(dict.fromkeys([*old, *names]))
+    _write_sync(path, "".join(n + "\n" for n in merged).encode(), sync)
 
 
 def clear_retire(directory: str) -> None:
@@ -126,15 +132,23 @@ def clear_retire(directory: str) -> None:
 
 
 def _write_sync(path: str, data: bytes, sync: bool) -> None:
+    """Replace ``path`` atomically (temporary file, fsync, rename, directory fsync)."""
     tmp = f"{path}{TMP_MARK}{secrets.token_hex(4)}"
-    fd = _fs.open_new(tmp)
     try:
-        _fs.write_all(fd, data)
-        if sync:
-            _fs.fsync(fd)
-    finally:
-        _fs.close(fd)
-    _fs.replace(tmp, path)
+        fd = _fs.open_new(tmp)
+        try:
+            _fs.write_all(fd, data)
+            if sync:
+                _fs.fsync(fd)
+        finally:
+            _fs.close(fd)
+        _fs.replace(tmp, path)
+    except BaseException:
+        try:
+            _fs.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if sync:
         _fs.fsync_dir(os.path.dirname(path) or ".")
 

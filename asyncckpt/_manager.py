@@ -279,7 +279,12 @@ class CheckpointManager:
                 handle._finished.set()
 
     def _commit(self, staged: str, path: str, options: CheckpointOptions) -> None:
-        """The commit (a worker thread, one at a time, in save order)."""
+        """The commit (a worker thread, one at a time, in save order).
+
+        The retire list names the new checkpoint and the retired ones *before* anything
+        moves: after a crash, whichever of them the state file does not name is removed by
+        the next manager, so disk use stays bounded by the policy.
+        """
         sync = options.fsync
         fd = _directory.commit_lock(self._directory)
         try:
@@ -289,26 +294,30 @@ class CheckpointManager:
                     f"another CheckpointManager committed into {self._directory} since this "
                     f"one last did (owner {owner[0][:8]}, commit {owner[1]}); this save of "
                     f"{path} is not committed. Use one manager per directory.")
-            _commit.publish_sync(staged, path, sync)
             managed = _retention.record_save(self._managed, path, now=time.time())
             swept = _retention.sweep(managed, max_to_keep=self._max_to_keep,
                                      keep_every_n_hours=self._keep_hours)
             doomed = list(swept.delete)
-            if doomed:
-                _directory.write_retire(self._directory, [os.path.basename(p) for p in doomed],
-                                        sync=sync)
-            state = _retention.to_state(
-                swept.managed, lambda p: _directory.relative(self._directory, p))
-            _directory.write_state_sync(self._directory, state, sync=sync)
+            _directory.write_retire(self._directory,
+                                    [os.path.basename(p) for p in [path, *doomed]], sync=sync)
+            replaced = _fs.exists(path)
+            _commit.publish_sync(staged, path, sync)
+            try:
+                state = _retention.to_state(
+                    swept.managed, lambda p: _directory.relative(self._directory, p))
+                _directory.write_state_sync(self._directory, state, sync=sync)
+            except BaseException:
+                if not replaced:  # roll back: the state file still names the old set
+                    _directory.retire(self._directory, [path], sync=sync)
+                raise
+            self._managed = swept.managed
             self._commits += 1
             self._owner_seen = (self._id, self._commits)
             _directory.write_owner(self._directory, self._owner_seen, sync=sync)
-            self._managed = swept.managed
         finally:
             _fs.unlock(fd)
-        if doomed:
-            _directory.retire(self._directory, doomed, sync=sync)
-            _directory.clear_retire(self._directory)
+        _directory.retire(self._directory, doomed, sync=sync)
+        _directory.clear_retire(self._directory)
 
     # -- restoring --------------------------------------------------------------------------
     async def restore_or_initialize(self) -> str | None:
