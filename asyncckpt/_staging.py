@@ -16,7 +16,7 @@ import warnings
 import anyio
 import numpy as np
 
-__all__ = ["Arena", "StagingPool", "PAGE"]
+__all__ = ["Arena", "StagingPool", "PAGE", "capacity_for"]
 
 PAGE = mmap.PAGESIZE
 _GRANULE = 2 << 20
@@ -39,6 +39,11 @@ def _mlock(address: int, nbytes: int) -> bool:
             RuntimeWarning, stacklevel=3,
         )
     return ok
+
+
+def capacity_for(nbytes: int) -> int:
+    """The size of the arena allocated for ``nbytes`` of staged data."""
+    return -(-max(nbytes, 1) // _GRANULE) * _GRANULE
 
 
 class Arena:
@@ -85,7 +90,7 @@ class StagingPool:
                 self._free.remove(arena)
                 self._held += arena.capacity
                 return arena
-            capacity = -(-max(nbytes, 1) // _GRANULE) * _GRANULE
+            capacity = capacity_for(nbytes)
             while self._free and self.total_bytes + capacity > budget:
                 self._free.pop(0)  # too small for this state: give its memory back
             if self.total_bytes + capacity <= budget or self._held == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -30,13 +31,17 @@ log = logging.getLogger("asyncckpt")
 _open: weakref.WeakSet[SyncCheckpointManager] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_all_at_exit() -> None:
     for manager in list(_open):
         try:
             manager.close()
         except Exception:  # nobody is left to raise to at interpreter exit
             log.exception("asyncckpt: a background save failed while closing at exit")
+
+
+# Run before thread pools refuse new work at shutdown (concurrent.futures registers its own
+# hook the same way); plain atexit runs too late for that.
+getattr(threading, "_register_atexit", atexit.register)(_close_all_at_exit)
 
 
 class SyncSaveHandle:
@@ -83,8 +88,9 @@ class SyncCheckpointManager:
             step_counter, checkpoint_interval, init_fn, last_checkpoint_step, options)
         self._portal_cm = start_blocking_portal("asyncio")
         self._portal = self._portal_cm.__enter__()
+        self._entered = self._portal.wrap_async_context_manager(self._manager)
         try:
-            self._portal.call(self._manager.__aenter__)
+            self._entered.__enter__()
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
@@ -104,7 +110,7 @@ class SyncCheckpointManager:
         self._closed = True
         _open.discard(self)
         try:
-            self._portal.call(self._manager.__aexit__, None, None, None)
+            self._entered.__exit__(None, None, None)
         finally:
             self._portal_cm.__exit__(None, None, None)
 

@@ -28,7 +28,7 @@ from ._codec import DiskModel, Encoder
 from ._errors import SaveError, first_error
 from ._format import Chunk, encode_manifest, shard_name
 from ._options import CheckpointOptions, SaveMetrics
-from ._staging import Arena, StagingPool
+from ._staging import Arena, StagingPool, capacity_for
 from ._workers import WorkerThreads
 
 __all__ = ["Snapshot", "take_snapshot", "write_snapshot"]
@@ -103,7 +103,7 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
         nodes[name] = node
         leaves.extend(found)
     offsets, total = _layout(leaves)
-    budget = options.staging_budget_bytes or 2 * total
+    budget = options.staging_budget_bytes or 2 * capacity_for(total)
     arena = await pool.acquire(total, budget=budget, page_lock=options.page_lock) if leaves else None
     try:
         if arena is not None:
