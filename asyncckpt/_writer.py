@@ -3,10 +3,11 @@
 1. :func:`take_snapshot` flattens the tracked values and copies every array into an arena of
    the staging pool, in parallel slices on worker threads. It is the only blocking part.
 2. :func:`write_snapshot` splits the staged bytes into chunks; ``io_threads`` low-priority
-   workers each take chunks one at a time, encode them (adaptive zstd), checksum them and
-   append them to their own shard file, then fsync it. Memory in flight is the staged state
-   plus one encoded chunk per worker. The manifest is then written and the directory published
-   by :mod:`._commit`.
+   encoder threads each take chunks one at a time, encode them (adaptive zstd) and checksum
+   them; one writer thread appends them to the shard file as they come (one sequential
+   stream measured faster to durable here than parallel files), then fsyncs it. Memory in
+   flight is the staged state plus a bounded queue of encoded chunks (two per encoder).
+   The manifest is then written and the directory sealed and published by :mod:`._commit`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import queue
 import threading
 import time
 import zlib
@@ -163,36 +165,66 @@ def _tasks(snap: Snapshot, chunk_bytes: int) -> list[_Task]:
     return tasks
 
 
-def _shard_worker(tmp: str, index: int, tasks: list[_Task], counter: Callable[[], int],
-                  make_encoder: Callable[[], Encoder], sync: bool, abort: threading.Event,
-                  results: list[tuple[int, Chunk] | None]) -> int:
-    """Append chunks to this worker's shard until none are left; returns bytes written."""
-    name = shard_name(index)
-    encoder = make_encoder()  # in this thread: it uses thread-local zstd contexts
-    fd = None
-    offset = flushed = 0
+def _encode_worker(tasks: list[_Task], counter: Callable[[], int],
+                   make_encoder: Callable[[], Encoder], abort: threading.Event,
+                   out: queue.Queue[tuple[int, memoryview | bytes, str, str, int] | None]) -> None:
+    """Encode and checksum chunks until none are left; hand them to the writer."""
     try:
+        encoder = make_encoder()  # in this thread: it uses thread-local zstd contexts
         while not abort.is_set():
             i = counter()
             if i >= len(tasks):
                 break
             task = tasks[i]
             stored, codec, filt = encoder.encode(task.raw, task.itemsize)
-            crc = zlib.crc32(stored)
-            if fd is None:
-                fd = _fs.open_new(os.path.join(tmp, name))
-            _fs.write_all(fd, stored)
-            size = len(stored) if isinstance(stored, bytes) else stored.nbytes
-            results[i] = (task.array, Chunk(name, offset, size, task.raw.size, codec, filt, crc))
-            offset += size
-            if sync and offset - flushed >= _WRITEBACK_BYTES:
-                _fs.start_writeback(fd, flushed, offset - flushed)
-                flushed = offset
-        if fd is not None and sync and not abort.is_set():
-            _fs.fsync(fd)
+            out.put((i, stored, codec, filt, zlib.crc32(stored)))
     except BaseException:
         abort.set()
         raise
+    finally:
+        out.put(None)  # always: the writer counts one end marker per encoder
+
+
+def _write_worker(tmp: str, tasks: list[_Task], encoders: int, sync: bool,
+                  abort: threading.Event,
+                  inbox: queue.Queue[tuple[int, memoryview | bytes, str, str, int] | None],
+                  results: list[tuple[int, Chunk] | None]) -> int:
+    """Append encoded chunks to the shard as they come, then fsync; returns bytes written.
+
+    After a failure it keeps draining the inbox until every encoder ended, so no encoder is
+    left blocked on a full queue.
+    """
+    name = shard_name(0)
+    fd = None
+    offset = flushed = ended = 0
+    try:
+        while ended < encoders:
+            item = inbox.get()
+            if item is None:
+                ended += 1
+                continue
+            if abort.is_set():
+                continue
+            i, stored, codec, filt, crc = item
+            try:
+                if fd is None:
+                    fd = _fs.open_new(os.path.join(tmp, name))
+                _fs.write_all(fd, stored)
+                size = len(stored) if isinstance(stored, bytes) else stored.nbytes
+                results[i] = (tasks[i].array,
+                              Chunk(name, offset, size, tasks[i].raw.size, codec, filt, crc))
+                offset += size
+                if sync and offset - flushed >= _WRITEBACK_BYTES:
+                    _fs.start_writeback(fd, flushed, offset - flushed)
+                    flushed = offset
+            except BaseException as exc:
+                abort.set()
+                error: BaseException | None = exc
+                while ended < encoders:  # drain, then re-raise
+                    ended += inbox.get() is None
+                raise error
+        if fd is not None and sync and not abort.is_set():
+            _fs.fsync(fd)
     finally:
         if fd is not None:
             _fs.close(fd)
@@ -222,24 +254,30 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
         results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
         abort = threading.Event()
         counter = itertools.count().__next__
-        threads = min(options.io_threads, len(tasks))
+        encoders = max(1, min(options.io_threads, len(tasks)))
+        inbox: queue.Queue = queue.Queue(maxsize=2 * encoders)
         write_started = time.perf_counter()
-        written = [0] * threads
+        make_encoder = functools.partial(
+            Encoder, compression=options.compression, level=options.compression_level,
+            adaptive=options.adaptive_compression, shuffle=options.byte_shuffle,
+            chunk_bytes=options.chunk_bytes, disk=disk, threads=encoders)
+        written = [0]
 
-        async def run_worker(k: int) -> None:
-            make_encoder = functools.partial(
-                Encoder, compression=options.compression, level=options.compression_level,
-                adaptive=options.adaptive_compression, shuffle=options.byte_shuffle,
-                chunk_bytes=options.chunk_bytes, disk=disk, threads=threads)
-            written[k] = await workers.run(
-                lambda: _shard_worker(tmp, k, tasks, counter, make_encoder, options.fsync,
-                                      abort, results),
+        async def run_encoder() -> None:
+            await workers.run(lambda: _encode_worker(tasks, counter, make_encoder, abort, inbox),
+                              on_cancel=abort.set)
+
+        async def run_writer() -> None:
+            written[0] = await workers.run(
+                lambda: _write_worker(tmp, tasks, encoders, options.fsync, abort, inbox,
+                                      results),
                 on_cancel=abort.set)
 
         async with anyio.create_task_group() as tg:
-            for k in range(threads):
-                tg.start_soon(run_worker, k)
-        stored = sum(written)
+            tg.start_soon(run_writer)
+            for _ in range(encoders):
+                tg.start_soon(run_encoder)
+        stored = written[0]
         disk.observe(stored, time.perf_counter() - write_started)
         await _commit.seal(tmp, _manifest(snap, results), sync=options.fsync)
         if publish:
