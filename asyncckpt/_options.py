@@ -58,8 +58,8 @@ class CheckpointOptions:
         byte_shuffle: byte-shuffle multi-byte dtypes before compressing (better ratios on
             floats, more CPU).
         chunk_bytes: bytes per independently decodable chunk (a multiple of 4096).
-        io_threads: worker threads that compress and write (and read on restore); each
-            writes its own shard file.
+        io_threads: threads that compress and checksum chunks while one more thread writes
+            them (and threads that read and decode on restore).
         fsync: fsync files and directories before publishing (only turn off for tests).
         page_lock: page-lock (``mlock``) the staging buffers where the OS allows.
         staging_budget_bytes: most staging memory that snapshots may hold at once; a

@@ -1,200 +1,303 @@
-"""TensorFlow's ``CheckpointState`` in protobuf text format, byte for byte. Pure: no I/O.
+"""TensorFlow's ``CheckpointState`` state file in protobuf text format. Pure: no I/O, no clock.
 
-What TensorFlow writes (``text_format.MessageToString``): fields in field-number order,
-one line per value, defaults omitted, strings double-quoted with C escapes (bytes outside
-printable ASCII as 3-digit octal), doubles as Python's ``str`` (``inf``/``-inf``/``nan``).
-The parser accepts that and the rest of the text format TF's reader would (comments, either
-quote, list syntax, any field order) and rejects anything else as corrupt.
+The state file (``<directory>/checkpoint``) is ``text_format.MessageToString`` of the proto3
+message ``tensorflow.CheckpointState``::
+
+    string model_checkpoint_path = 1;               // the latest checkpoint
+    repeated string all_model_checkpoint_paths = 2; // the managed ones, oldest first
+    repeated double all_model_checkpoint_timestamps = 3;
+    double last_preserved_timestamp = 4;
+
+**Writing** (:func:`encode_state`) reproduces what TensorFlow writes, byte for byte: fields in
+field-number order, one ``name: value`` line per value (repeated fields one line per element),
+fields at their proto3 default omitted (an empty ``model_checkpoint_path``, a
+``last_preserved_timestamp`` of +0.0), strings double-quoted with protobuf's C escapes (``\\n``,
+``\\r``, ``\\t``, ``\\"``, ``\\'``, ``\\\\``, every other byte outside printable ASCII as a
+3-digit octal escape of its UTF-8 encoding), doubles as Python's ``str(float)`` (``17930.0``,
+``1e+20``, ``inf``, ``-inf``, ``nan``). Non-ASCII is octal-escaped as protobuf < 5.26 does;
+protobuf >= 5.26 writes it as raw UTF-8 instead, which the reader accepts too.
+
+**Reading** (:func:`decode_state`) is strict and safe on hostile input (linear time, bounded
+size, no recursion). It accepts the text format TensorFlow's reader (``text_format.Merge``)
+accepts for this message: ``#`` comments, any ASCII whitespace, any field order, ``,``/``;``
+after a field, ``[a, b]`` lists for repeated fields, single or double quotes, adjacent string
+literals (concatenated), C escapes (simple, octal, ``\\x``, ``\\u``, ``\\U``), raw UTF-8, and
+numbers as integers, decimals, exponents, ``inf``/``infinity``/``nan`` (any case, optional
+``f`` suffix). Everything else raises :class:`CorruptCheckpointError`, naming the source, the
+place and the fault. Stricter than ``Merge`` on purpose, for states TensorFlow never writes:
+no or empty ``model_checkpoint_path`` (TensorFlow's ``get_checkpoint_state`` raises
+``ValueError`` for that too, e.g. on an empty file), a singular field given twice, timestamps
+present but not one per path, unknown fields, text that is not UTF-8, more than 16 MiB.
+
+Paths are returned as written: whether an absolute path or one with ``..`` is acceptable is
+the manager's decision (see :func:`is_safe_relative`).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ._errors import CorruptCheckpointError
 
-__all__ = ["CheckpointState", "encode_state", "decode_state", "is_safe_relative"]
+__all__ = ["CheckpointState", "MAX_STATE_BYTES", "encode_state", "decode_state",
+           "is_safe_relative"]
 
-_LIMIT = 16 << 20
-_HINT = "; to recover, remove the state file or rebuild it (CheckpointManager.rebuild_state)"
+MAX_STATE_BYTES = 16 * 1024 * 1024
+"""The largest state file :func:`decode_state` reads."""
+
+_HINT = "; to recover, remove or rebuild the state file (CheckpointManager.rebuild_state())"
 
 
 @dataclass(frozen=True)
 class CheckpointState:
-    model_checkpoint_path: str = ""
+    """The content of a state file, paths exactly as written (relative or absolute)."""
+
+    model_checkpoint_path: str
     all_model_checkpoint_paths: tuple[str, ...] = ()
     all_model_checkpoint_timestamps: tuple[float, ...] = ()
     last_preserved_timestamp: float = 0.0
 
 
-def _escape(text: str) -> str:
-    out = []
-    for byte in text.encode("utf-8"):
-        char = chr(byte)
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif 32 <= byte < 127:
-            out.append(char)
-        else:
-            out.append(f"\\{byte:03o}")
-    return "".join(out)
+# -- writing --------------------------------------------------------------------------------
+
+_BYTE_ESCAPES = [chr(b) if 32 <= b < 127 else f"\\{b:03o}" for b in range(256)]
+for _byte, _text in {9: "\\t", 10: "\\n", 13: "\\r", 34: '\\"', 39: "\\'", 92: "\\\\"}.items():
+    _BYTE_ESCAPES[_byte] = _text
 
 
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "'": "\\'", "\\": "\\\\"}
+def _quote(text: str) -> str:
+    """``"text"`` as protobuf's ``CEscape`` (``as_utf8=False``) writes it."""
+    return '"' + "".join(_BYTE_ESCAPES[b] for b in text.encode("utf-8")) + '"'
 
 
 def _double(value: float) -> str:
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "-inf" if value < 0 else "inf"
+    """A double as Python protobuf's text_format writes it: ``str(float)``."""
     return str(float(value))
 
 
+def _is_positive_zero(value: float) -> bool:
+    return struct.pack("<d", float(value)) == bytes(8)
+
+
 def encode_state(state: CheckpointState) -> bytes:
+    """The state file bytes TensorFlow writes for ``state`` (ASCII, one field per line).
+
+    Raises ``UnicodeEncodeError`` (a ``ValueError``) for a path that is not encodable as
+    UTF-8, such as one with lone surrogates (protobuf refuses such strings too).
+    """
     lines = []
     if state.model_checkpoint_path:
-        lines.append(f'model_checkpoint_path: "{_escape(state.model_checkpoint_path)}"')
-    lines += [f'all_model_checkpoint_paths: "{_escape(p)}"'
+        lines.append(f"model_checkpoint_path: {_quote(state.model_checkpoint_path)}\n")
+    lines += [f"all_model_checkpoint_paths: {_quote(p)}\n"
               for p in state.all_model_checkpoint_paths]
-    lines += [f"all_model_checkpoint_timestamps: {_double(t)}"
+    lines += [f"all_model_checkpoint_timestamps: {_double(t)}\n"
               for t in state.all_model_checkpoint_timestamps]
-    if state.last_preserved_timestamp != 0.0:
-        lines.append(f"last_preserved_timestamp: {_double(state.last_preserved_timestamp)}")
-    return "".join(line + "\n" for line in lines).encode("ascii")
+    if not _is_positive_zero(state.last_preserved_timestamp):  # proto3: -0.0 is written
+        lines.append(f"last_preserved_timestamp: {_double(state.last_preserved_timestamp)}\n")
+    return "".join(lines).encode("ascii")
 
+
+# -- reading --------------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"""
-    (?P<ws>[ \t\r\n\f\v]+|\#[^\n]*)
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<number>[-+]?(?:inf(?:inity)?|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)[fF]?)
-  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+    (?P<skip>[ \t\n\r\f\v]+|\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\[^\n])*"|'(?:[^'\\\n]|\\[^\n])*')
+  | (?P<word>[A-Za-z0-9_.+-]+)
   | (?P<punct>[:\[\],;])
-""", re.VERBOSE | re.IGNORECASE)
-
-_STRING_FIELDS = {"model_checkpoint_path": False, "all_model_checkpoint_paths": True}
-_DOUBLE_FIELDS = {"all_model_checkpoint_timestamps": True, "last_preserved_timestamp": False}
+""", re.VERBOSE)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER = re.compile(r"""
+    [-+]?(?: (?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?
+           | (?i:inf(?:inity)?f?|nanf?) )
+""", re.VERBOSE)
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9]")
+_ESCAPE = re.compile(r"""\\(?:(?P<simple>[abfnrtv\\'"])|(?P<oct>[0-7]{1,3})|[xX](?P<hex>[0-9a-fA-F]{1,2})
+                          |u(?P<u4>[0-9a-fA-F]{4})|U(?P<u8>[0-9a-fA-F]{8}))""", re.VERBOSE)
+# No "\?": C++ protobuf reads it as "?", Python protobuf (TensorFlow's reader) as "\?".
+_SIMPLE = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, "'": 39,
+           '"': 34}
+_STRINGS = ("model_checkpoint_path", "all_model_checkpoint_paths")
+_REPEATED = ("all_model_checkpoint_paths", "all_model_checkpoint_timestamps")
+_FIELDS = (*_STRINGS, "all_model_checkpoint_timestamps", "last_preserved_timestamp")
 
 
 class _Bad(Exception):
-    pass
+    """A parse failure; ``decode_state`` turns it into ``CorruptCheckpointError``."""
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
+_Token = tuple[str, str, int]  # (kind, text, line)
+
+
+def _tokens(text: str) -> Iterator[_Token]:
+    """The tokens, lazily (memory stays bounded on hostile input); comments dropped."""
+    pos, line = 0, 1
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if match is None:
-            raise _Bad(f"unexpected character {text[pos]!r} at offset {pos}")
+            raise _Bad(f"line {line}: unexpected character {text[pos]!r}"
+                       + (" (unterminated string?)" if text[pos] in "\"'" else ""))
+        if match.lastgroup != "skip":
+            yield match.lastgroup or "", match.group(), line
+        line += match.group().count("\n")
         pos = match.end()
-        kind = match.lastgroup
-        if kind != "ws":
-            out.append((kind, match.group()))  # type: ignore[arg-type]
-    return out
 
 
-def _unescape(token: str) -> str:
-    body, out, i = token[1:-1], bytearray(), 0
-    simple = {"n": 10, "r": 13, "t": 9, '"': 34, "'": 39, "\\": 92, "a": 7, "b": 8,
-              "f": 12, "v": 11, "?": 63}
-    while i < len(body):
-        char = body[i]
-        if char != "\\":
-            out += char.encode("utf-8")
-            i += 1
-            continue
-        nxt = body[i + 1]
-        if nxt in simple:
-            out.append(simple[nxt])
-            i += 2
-        elif nxt in "01234567":
-            digits = re.match(r"[0-7]{1,3}", body[i + 1:]).group()  # type: ignore[union-attr]
-            if int(digits, 8) > 255:
-                raise _Bad(f"octal escape \\{digits} out of range")
-            out.append(int(digits, 8))
-            i += 1 + len(digits)
-        elif nxt in "xX":
-            digits = re.match(r"[0-9a-fA-F]{1,2}", body[i + 2:])
-            if digits is None:
-                raise _Bad("bad \\x escape")
-            out.append(int(digits.group(), 16))
-            i += 2 + len(digits.group())
+def _unescape(token: str, line: int) -> bytes:
+    """The bytes of one quoted string literal."""
+    body, out, pos = token[1:-1], bytearray(), 0
+    while pos < len(body):
+        cut = body.find("\\", pos)
+        out += body[pos:len(body) if cut < 0 else cut].encode("utf-8")
+        if cut < 0:
+            break
+        match = _ESCAPE.match(body, cut)
+        if match is None:
+            raise _Bad(f"line {line}: invalid escape {body[cut:cut + 2]!r} in a string")
+        pos = match.end()
+        if match["simple"]:
+            out.append(_SIMPLE[match["simple"]])
+        elif match["oct"]:
+            if int(match["oct"], 8) > 0o377:
+                raise _Bad(f"line {line}: octal escape \\{match['oct']} is above \\377")
+            out.append(int(match["oct"], 8))
+        elif match["hex"]:
+            out.append(int(match["hex"], 16))
         else:
-            raise _Bad(f"unknown escape \\{nxt}")
-    return out.decode("utf-8")
+            code = int(match["u4"] or match["u8"], 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise _Bad(f"line {line}: {match.group()} is not a Unicode scalar value")
+            out += chr(code).encode("utf-8")
+    return bytes(out)
 
 
-def _value(kind: str, token: str, field: str) -> str | float:
-    if field in _STRING_FIELDS:
+def _number(word: str, line: int, field: str) -> float:
+    if not _NUMBER.fullmatch(word) or _LEADING_ZERO.match(word):
+        raise _Bad(f"line {line}: {field} needs a number, got {word!r}")
+    lower = word.lower()  # float() takes "inf", "infinity" and "nan" with a sign, not "f"
+    return float(lower[:-1] if lower.endswith("f") and not lower.endswith("inf") else lower)
+
+
+class _Parser:
+    """A parser over the token stream with one token of lookahead (no recursion)."""
+
+    def __init__(self, tokens: Iterator[_Token]) -> None:
+        self.tokens = tokens
+        self.next: _Token | None = next(tokens, None)
+        self.line = 1
+        self.values: dict[str, list[str | float]] = {}
+
+    def peek(self) -> _Token | None:
+        return self.next
+
+    def skip(self) -> None:
+        self.next = next(self.tokens, None)
+
+    def take(self, what: str) -> _Token:
+        token = self.next
+        if token is None:
+            raise _Bad(f"line {self.line}: the text ends where {what} was expected")
+        self.line = token[2]
+        self.skip()
+        return token
+
+    def value(self, field: str) -> str | float:
+        kind, text, line = self.take(f"a value for {field}")
+        if field not in _STRINGS:
+            if kind != "word":
+                raise _Bad(f"line {line}: {field} needs a number, got {text!r}")
+            return _number(text, line, field)
         if kind != "string":
-            raise _Bad(f"{field} needs a string, got {token!r}")
-        return _unescape(token)
-    if kind == "number":
-        text = token.lower().rstrip("f") if not token.lower().endswith("inf") else token.lower()
-        return float(text.replace("infinity", "inf"))
-    if kind == "ident" and token.lower() in ("inf", "infinity", "nan"):
-        return float(token.lower().replace("infinity", "inf"))
-    raise _Bad(f"{field} needs a number, got {token!r}")
+            raise _Bad(f"line {line}: {field} needs a quoted string, got {text!r}")
+        raw = _unescape(text, line)
+        while (nxt := self.peek()) is not None and nxt[0] == "string":  # "a" "b" == "ab"
+            raw += _unescape(nxt[1], nxt[2])
+            self.skip()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"line {line}: {field} is not valid UTF-8") from None
+
+    def field(self) -> None:
+        kind, name, line = self.take("a field name")
+        if kind != "word" or not _NAME.fullmatch(name):
+            raise _Bad(f"line {line}: expected a field name, got {name!r}")
+        if name not in _FIELDS:
+            raise _Bad(f"line {line}: unknown field {name!r}")
+        if name not in _REPEATED and name in self.values:
+            raise _Bad(f"line {line}: {name} is given more than once")
+        if self.take(f"':' after {name}")[1] != ":":
+            raise _Bad(f"line {line}: expected ':' after {name}")
+        values = self.values.setdefault(name, [])
+        nxt = self.peek()
+        if nxt is not None and nxt[1] == "[":
+            if name not in _REPEATED:
+                raise _Bad(f"line {nxt[2]}: {name} is not a repeated field")
+            self.skip()
+            if (self.peek() or ("", "", 0))[1] == "]":
+                self.skip()
+            else:
+                while True:
+                    values.append(self.value(name))
+                    _, sep, sep_line = self.take("',' or ']'")
+                    if sep == "]":
+                        break
+                    if sep != ",":
+                        raise _Bad(f"line {sep_line}: expected ',' or ']', got {sep!r}")
+        else:
+            values.append(self.value(name))
+        nxt = self.peek()
+        if nxt is not None and nxt[1] in (",", ";"):
+            self.skip()
+
+    def parse(self) -> CheckpointState:
+        if self.peek() is None:
+            raise _Bad("the file is empty (no fields, only whitespace or comments)")
+        while self.peek() is not None:
+            self.field()
+        latest = self.values.get("model_checkpoint_path", [""])[0]
+        if not latest:
+            raise _Bad("model_checkpoint_path is missing or empty")
+        paths = tuple(str(p) for p in self.values.get("all_model_checkpoint_paths", []))
+        stamps = tuple(float(t) for t in self.values.get("all_model_checkpoint_timestamps", []))
+        if stamps and len(stamps) != len(paths):
+            raise _Bad(f"{len(stamps)} all_model_checkpoint_timestamps for {len(paths)} "
+                       "all_model_checkpoint_paths")
+        preserved = self.values.get("last_preserved_timestamp", [0.0])[0]
+        return CheckpointState(str(latest), paths, stamps, float(preserved))
 
 
 def decode_state(data: bytes, *, source: str) -> CheckpointState:
-    """Parse a state file; anything malformed raises ``CorruptCheckpointError``."""
+    """Parse state file bytes read from ``source`` (a name for messages only).
+
+    Raises :class:`CorruptCheckpointError` naming ``source`` and the fault for anything that
+    is not a well-formed ``CheckpointState`` (see the module docstring).
+    """
     try:
-        if len(data) > _LIMIT:
-            raise _Bad(f"larger than {_LIMIT} bytes")
-        return _parse(_tokens(data.decode("utf-8")))
-    except (_Bad, UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise CorruptCheckpointError(f"the state file {source} is not a valid CheckpointState "
-                                     f"({exc}){_HINT}") from exc
-
-
-def _parse(tokens: list[tuple[str, str]]) -> CheckpointState:
-    fields: dict[str, list[str | float]] = {}
-    i = 0
-    while i < len(tokens):
-        kind, name = tokens[i]
-        if kind != "ident" or (name not in _STRING_FIELDS and name not in _DOUBLE_FIELDS):
-            raise _Bad(f"unknown field {name!r}")
-        i += 1
-        if i < len(tokens) and tokens[i][1] == ":":
-            i += 1
-        repeated = _STRING_FIELDS.get(name, _DOUBLE_FIELDS.get(name))
-        values: list[str | float] = []
-        if i < len(tokens) and tokens[i][1] == "[":
-            if not repeated:
-                raise _Bad(f"{name} is not a repeated field")
-            i += 1
-            while tokens[i][1] != "]":
-                values.append(_value(*tokens[i], name))
-                i += 1
-                if tokens[i][1] == ",":
-                    i += 1
-            i += 1
-        else:
-            if i >= len(tokens):
-                raise _Bad(f"{name} has no value")
-            values.append(_value(*tokens[i], name))
-            i += 1
-        if i < len(tokens) and tokens[i][1] in (",", ";"):
-            i += 1
-        if not repeated and name in fields:
-            raise _Bad(f"{name} appears more than once")
-        fields.setdefault(name, []).extend(values)
-    if not fields:
-        raise _Bad("the file is empty")
-    return CheckpointState(
-        model_checkpoint_path=str(fields.get("model_checkpoint_path", [""])[0]),
-        all_model_checkpoint_paths=tuple(map(str, fields.get("all_model_checkpoint_paths", []))),
-        all_model_checkpoint_timestamps=tuple(
-            float(v) for v in fields.get("all_model_checkpoint_timestamps", [])),
-        last_preserved_timestamp=float(fields.get("last_preserved_timestamp", [0.0])[0]))
+        if len(data) > MAX_STATE_BYTES:
+            raise _Bad(f"it is {len(data)} bytes, more than the {MAX_STATE_BYTES} allowed")
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Bad(f"byte {exc.start} is not UTF-8 text") from None
+        return _Parser(_tokens(text)).parse()
+    except _Bad as exc:
+        raise CorruptCheckpointError(
+            f"the state file {source} is not a valid CheckpointState: {exc}{_HINT}") from None
 
 
 def is_safe_relative(path: str) -> bool:
-    """A non-empty relative path that stays inside its directory (no ``..``, NUL, or ``\\``)."""
-    if not path or "\0" in path or "\\" in path or os.path.isabs(path):
+    """Whether ``path`` is a relative path that stays inside its directory, on any OS.
+
+    False for: the empty string, NUL, any backslash (a Windows separator), an absolute path,
+    a drive prefix (``C:``), a ``..`` component, or a path naming the directory itself
+    (``.``, ``./``). Pure string logic, no file system access.
+    """
+    if not path or "\0" in path or "\\" in path or path.startswith("/"):
         return False
-    return all(part not in ("..",) for part in path.split("/"))
+    if len(path) >= 2 and path[1] == ":" and path[0].isascii() and path[0].isalpha():
+        return False
+    parts = path.split("/")
+    return ".." not in parts and any(part not in ("", ".") for part in parts)
