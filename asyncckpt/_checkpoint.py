@@ -173,6 +173,8 @@ class Checkpoint:
         plan = plan_restore(manifest, self._values)
         await _reader.read_arrays(path, plan.specs, plan.destinations,
                                   threads=options.io_threads)
+        for step in plan.after_read:
+            step()
         for name, finish in plan.finishers.items():
             self._values[name] = finish()
         object.__setattr__(self, "_save_counter", manifest.save_counter)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _tree
+from . import _torch, _tree
 from ._errors import MismatchError
 from ._format import ArraySpec, Manifest
 
@@ -32,6 +32,7 @@ class Plan:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     finishers: dict[str, Finish] = field(default_factory=dict)  # tracked name -> new value
+    after_read: list[Callable[[], None]] = field(default_factory=list)  # e.g. host -> GPU
 
 
 def plan_restore(manifest: Manifest, targets: dict[str, Any]) -> Plan:
@@ -60,42 +61,75 @@ def _mismatch(path: str, saved: str, target: Any) -> MismatchError:
                          f"{type(target).__qualname__}; make the target's structure match")
 
 
-def _plan(node: dict[str, Any], target: Any, path: str, plan: Plan) -> Finish:
+@dataclass(frozen=True)
+class _Ctx:
+    """Inside a ``load_state_dict`` object: saved entries the target lacks are added (an
+    optimizer before its first step has no state yet); inside a torch object they are
+    created as tensors."""
+
+    fill: bool = False
+    torch: bool = False
+
+
+def _plan(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx = _Ctx()
+          ) -> Finish:
     kind = node["t"]
+    if kind in ("state", "dict") and _tree.has_state_dict(target):
+        inner_ctx = _Ctx(fill=True, torch=ctx.torch or _torch.is_torch_object(target))
+        inner = _plan(node["value"] if kind == "state" else node, target.state_dict(), path,
+                      plan, inner_ctx)
+        return lambda: (target.load_state_dict(inner()), target)[1]
     if kind == "state":
-        if _tree.has_state_dict(target):
-            inner = _plan(node["value"], target.state_dict(), path, plan)
-            return lambda: (target.load_state_dict(inner()), target)[1]
-        return _plan(node["value"], target, path, plan)
+        return _plan(node["value"], target, path, plan, ctx)
     if kind == "dict":
-        if _tree.has_state_dict(target):
-            inner = _plan(node, target.state_dict(), path, plan)
-            return lambda: (target.load_state_dict(inner()), target)[1]
         if not isinstance(target, dict):
             raise _mismatch(path, "dict", target)
-        return _plan_dict(node, target, path, plan)
+        return _plan_dict(node, target, path, plan, ctx)
     if kind in ("list", "tuple"):
         if not isinstance(target, (list, tuple)):
             raise _mismatch(path, kind, target)
-        return _plan_sequence(node, target, path, plan)
+        return _plan_sequence(node, target, path, plan, ctx)
     if _kind(target) != "leaf":
         raise _mismatch(path, "leaf value", target)
     if kind == "array":
-        return _plan_array(node, target, path, plan)
-    if isinstance(target, np.ndarray):
+        return _plan_array(node, target, path, plan, ctx)
+    if isinstance(target, np.ndarray) or _torch.is_tensor(target):
         raise _mismatch(path, f"{kind} value", target)
     value = _tree.decode_scalar(node)
     return lambda: value
 
 
-def _plan_dict(node: dict[str, Any], target: dict[Any, Any], path: str, plan: Plan) -> Finish:
+def _fresh(node: dict[str, Any], path: str, plan: Plan, ctx: _Ctx) -> Finish:
+    """A new value for a saved entry the target does not have."""
+    kind = node["t"]
+    if kind == "state":
+        return _fresh(node["value"], path, plan, ctx)
+    if kind == "dict":
+        items = [(key, _fresh(child, _tree.join_path(path, key), plan, ctx))
+                 for key, child in node["items"]]
+        return lambda: {key: fn() for key, fn in items}
+    if kind in ("list", "tuple"):
+        parts = [_fresh(child, _tree.join_path(path, i), plan, ctx)
+                 for i, child in enumerate(node["items"])]
+        return (lambda: [fn() for fn in parts]) if kind == "list" else (
+            lambda: tuple(fn() for fn in parts))
+    if kind == "array":
+        return _plan_array(node, None, path, plan, ctx)
+    value = _tree.decode_scalar(node)
+    return lambda: value
+
+
+def _plan_dict(node: dict[str, Any], target: dict[Any, Any], path: str, plan: Plan,
+               ctx: _Ctx) -> Finish:
     children: list[tuple[Any, Finish]] = []
     seen = set()
     for key, child in node["items"]:
         seen.add((type(key), key))
         child_path = _tree.join_path(path, key)
         if key in target and type(_find_key(target, key)) is type(key):
-            children.append((key, _plan(child, target[key], child_path, plan)))
+            children.append((key, _plan(child, target[key], child_path, plan, ctx)))
+        elif ctx.fill:
+            children.append((key, _fresh(child, child_path, plan, ctx)))
         else:
             plan.unexpected.append(child_path)
     plan.missing.extend(_tree.join_path(path, k) for k in target
@@ -116,10 +150,11 @@ def _find_key(target: dict[Any, Any], key: Any) -> Any:
 
 
 def _plan_sequence(node: dict[str, Any], target: list[Any] | tuple[Any, ...], path: str,
-                   plan: Plan) -> Finish:
+                   plan: Plan, ctx: _Ctx) -> Finish:
     items = node["items"]
     n = min(len(items), len(target))
-    children = [_plan(items[i], target[i], _tree.join_path(path, i), plan) for i in range(n)]
+    children = [_plan(items[i], target[i], _tree.join_path(path, i), plan, ctx)
+                for i in range(n)]
     plan.unexpected.extend(_tree.join_path(path, i) for i in range(n, len(items)))
     plan.missing.extend(_tree.join_path(path, i) for i in range(n, len(target)))
     if isinstance(target, list):
@@ -137,18 +172,30 @@ def _plan_sequence(node: dict[str, Any], target: list[Any] | tuple[Any, ...], pa
     return finish_tuple
 
 
-def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan) -> Finish:
+def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx) -> Finish:
     spec = plan.manifest.arrays[node["index"]]
-    if isinstance(target, np.ndarray):
-        if target.shape != spec.shape or target.dtype != spec.dtype:
+    result: Any
+    if isinstance(target, np.ndarray) or _torch.is_tensor(target):
+        shape = tuple(target.shape)
+        dtype = target.dtype if isinstance(target, np.ndarray) else _torch.numpy_dtype(target.dtype)
+        if shape != spec.shape or dtype != spec.dtype:
             raise MismatchError(
                 f"{path}: the checkpoint has shape {spec.shape} dtype {spec.dtype}, the "
-                f"restore target has shape {target.shape} dtype {target.dtype}")
-        if not target.flags.writeable:
-            raise MismatchError(f"{path}: the restore target array is read-only")
-        dest = target
+                f"restore target has shape {shape} dtype {dtype}")
+        result = target
+        if isinstance(target, np.ndarray):
+            if not target.flags.writeable:
+                raise MismatchError(f"{path}: the restore target array is read-only")
+            dest = target
+        elif target.device.type == "cpu":
+            dest = _torch.host_view(target, path)
+        else:
+            dest = np.empty(spec.shape, spec.dtype)
+            plan.after_read.append(lambda: _torch.copy_to_device(target, dest))
+    elif ctx.torch:
+        result, dest = _torch.fresh_tensor(spec.shape, spec.dtype)
     else:
-        dest = np.empty(spec.shape, spec.dtype)
+        result = dest = np.empty(spec.shape, spec.dtype)
     plan.specs.append(spec)
     plan.destinations.append(dest)
-    return lambda: dest
+    return lambda: result

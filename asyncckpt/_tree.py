@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import _torch
+
 __all__ = [
     "ArrayLeaf", "flatten", "escape_segment", "join_path", "dtype_to_str", "str_to_dtype",
     "decode_scalar", "has_state_dict", "node_to_value",
@@ -31,10 +33,25 @@ _ML_DTYPE_NAMES = frozenset({
 
 @dataclass(frozen=True)
 class ArrayLeaf:
-    """An array to be saved: its key path and the caller's array (not yet copied)."""
+    """An array to be saved: its key path and the caller's data (not yet copied).
+
+    ``array`` is a host view of the data; for a CUDA tensor it is None and ``device`` holds
+    the tensor (the snapshot copies it device-to-host).
+    """
 
     path: str
-    array: np.ndarray
+    array: np.ndarray | None
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    device: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, path: str, array: np.ndarray) -> ArrayLeaf:
+        return cls(path, array, array.dtype, array.shape)
 
 
 def escape_segment(key: str | int) -> str:
@@ -100,7 +117,17 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
         raise ValueError(f"{path}: nesting is deeper than 400 levels")
     if isinstance(value, np.ndarray):
         dtype_to_str(value.dtype, path)
-        arrays.append(ArrayLeaf(path, value))
+        arrays.append(ArrayLeaf.of(path, value))
+        return {"t": "array", "index": len(arrays) - 1}
+    if _torch.is_tensor(value):
+        if value.device.type == "cpu":
+            host = _torch.host_view(value, path)
+            dtype_to_str(host.dtype, path)
+            arrays.append(ArrayLeaf.of(path, host))
+        else:
+            dtype = _torch.numpy_dtype(value.dtype)
+            dtype_to_str(dtype, path)
+            arrays.append(ArrayLeaf(path, None, dtype, tuple(value.shape), device=value))
         return {"t": "array", "index": len(arrays) - 1}
     if isinstance(value, np.generic):
         if isinstance(value, np.object_):

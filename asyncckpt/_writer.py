@@ -25,7 +25,7 @@ from typing import Any, Callable
 import anyio
 import numpy as np
 
-from . import _commit, _fs, _tree
+from . import _commit, _fs, _torch, _tree
 from ._codec import DiskModel, Encoder
 from ._errors import SaveError, first_error
 from ._format import Chunk, encode_manifest, shard_name
@@ -62,27 +62,31 @@ class Snapshot:
 def _layout(leaves: list[_tree.ArrayLeaf]) -> tuple[list[int], int]:
     offsets, end = [], 0
     for leaf in leaves:
-        align = 4096 if leaf.array.nbytes >= (64 << 10) else 64
+        align = 4096 if leaf.nbytes >= (64 << 10) else 64
         end = -(-end // align) * align
         offsets.append(end)
-        end += leaf.array.nbytes
+        end += leaf.nbytes
     return offsets, end
 
 
 def _copy_jobs(leaves: list[_tree.ArrayLeaf], offsets: list[int], arena: Arena
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(destination, source) pairs, big arrays cut into row slices for parallel copying."""
-    jobs = []
+               ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, Any]]]:
+    """(destination, source) pairs, big arrays cut into row slices for parallel copying;
+    and (destination, CUDA tensor) pairs for the device-to-host copies."""
+    jobs, device_jobs = [], []
     for leaf, offset in zip(leaves, offsets):
+        dst = arena.view(offset, leaf.nbytes).view(leaf.dtype).reshape(leaf.shape)
+        if leaf.array is None:
+            device_jobs.append((dst, leaf.device))
+            continue
         src = leaf.array
-        dst = arena.view(offset, src.nbytes).view(src.dtype).reshape(src.shape)
         rows = src.shape[0] if src.ndim else 1
         if src.nbytes <= _SLICE_BYTES or rows < 2:
             jobs.append((dst, src))
             continue
         step = max(1, rows * _SLICE_BYTES // src.nbytes)
         jobs.extend((dst[i:i + step], src[i:i + step]) for i in range(0, rows, step))
-    return jobs
+    return jobs, device_jobs
 
 
 def _copy_all(jobs: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -109,7 +113,11 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
     arena = await pool.acquire(total, budget=budget, page_lock=options.page_lock) if leaves else None
     try:
         if arena is not None:
-            jobs = _copy_jobs(leaves, offsets, arena)
+            jobs, device_jobs = _copy_jobs(leaves, offsets, arena)
+            copied = None
+            if device_jobs:
+                _torch.register_host_memory(arena)
+                copied = _torch.cuda_snapshot(device_jobs)
             bins: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
             loads = [0, 0]
             for job in sorted(jobs, key=lambda j: -j[1].nbytes):
@@ -120,13 +128,14 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
                 for part in bins:
                     if part:
                         tg.start_soon(anyio.to_thread.run_sync, _copy_all, part)
+                if copied is not None:
+                    tg.start_soon(anyio.to_thread.run_sync, copied.synchronize)
     except BaseException:
         if arena is not None:
             pool.release(arena)
         raise
-    arrays = [(leaf.path, leaf.array.dtype, leaf.array.shape, off)
-              for leaf, off in zip(leaves, offsets)]
-    return Snapshot(save_counter, nodes, arrays, arena, pool, sum(a.array.nbytes for a in leaves),
+    arrays = [(leaf.path, leaf.dtype, leaf.shape, off) for leaf, off in zip(leaves, offsets)]
+    return Snapshot(save_counter, nodes, arrays, arena, pool, sum(a.nbytes for a in leaves),
                     started, time.perf_counter() - started,
                     arena.page_locked if arena is not None else options.page_lock)
 

@@ -1,0 +1,125 @@
+"""PyTorch adapter: tensors as arrays, without importing torch unless the caller did.
+
+Every function here is only reached when ``torch`` is already in ``sys.modules`` (the caller
+passed a tensor or a torch object), so ``import asyncckpt`` never imports torch.
+
+- CPU tensors are saved through a numpy view of their memory (no copy until the snapshot);
+  bfloat16 / float8 go through a same-size integer view reinterpreted as the ml_dtypes type,
+  so they round-trip bit-exactly without passing through float32.
+- CUDA tensors are copied device-to-host by the snapshot into the page-locked arena
+  (registered with CUDA once), with non-blocking copies on a side stream; the snapshot ends
+  when that stream's copies are done.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = ["is_tensor", "is_torch_object", "host_view", "numpy_dtype", "fresh_tensor",
+           "copy_to_device", "register_host_memory", "cuda_snapshot"]
+
+_BITS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
+         "float8_e4m3fnuz": "uint8", "float8_e5m2fnuz": "uint8", "float8_e8m0fnu": "uint8"}
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")
+
+
+def is_tensor(value: object) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def is_torch_object(value: object) -> bool:
+    """An nn.Module, optimizer, scheduler, ... (fresh leaves restored into it become tensors)."""
+    return type(value).__module__.split(".")[0] == "torch"
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The numpy (or ml_dtypes) dtype with the same bits as a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name in _BITS:
+        import ml_dtypes
+        return np.dtype(getattr(ml_dtypes, name))
+    if name == "bool":
+        return np.dtype(bool)
+    try:
+        return np.dtype(name)
+    except TypeError as exc:
+        raise TypeError(f"torch dtype {dtype} has no numpy equivalent to save it as") from exc
+
+
+def _torch_dtype(dtype: np.dtype) -> Any:
+    torch = _torch()
+    name = "bool" if dtype == np.dtype(bool) else dtype.name
+    return getattr(torch, name)
+
+
+def host_view(tensor: Any, path: str) -> np.ndarray:
+    """A numpy view of a CPU tensor's memory (same shape and strides, same bits)."""
+    t = tensor.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    name = str(t.dtype).removeprefix("torch.")
+    try:
+        if name in _BITS:
+            return t.view(getattr(_torch(), _BITS[name])).numpy().view(numpy_dtype(t.dtype))
+        return t.numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"{path}: cannot save a tensor of dtype {t.dtype} "
+                        f"({exc}); convert it first") from exc
+
+
+def fresh_tensor(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray]:
+    """A new CPU tensor for a loaded value and a numpy view to read into."""
+    torch = _torch()
+    name = dtype.name
+    if name in _BITS:
+        t = torch.empty(shape, dtype=getattr(torch, name))
+        return t, t.view(getattr(torch, _BITS[name])).numpy().view(dtype)
+    t = torch.empty(shape, dtype=_torch_dtype(dtype))
+    return t, t.numpy()
+
+
+def copy_to_device(tensor: Any, host: np.ndarray) -> None:
+    """Copy restored host bytes into a (CUDA) tensor in place."""
+    torch = _torch()
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in _BITS:
+        src = torch.from_numpy(host.view(_BITS[name])).view(tensor.dtype)
+    else:
+        src = torch.from_numpy(host)
+    with torch.no_grad():
+        tensor.copy_(src)
+
+
+def register_host_memory(arena: Any) -> None:
+    """Register an arena with CUDA (page-locked for DMA) once."""
+    if getattr(arena, "cuda_registered", False):
+        return
+    torch = _torch()
+    rc = torch.cuda.cudart().cudaHostRegister(arena.address, arena.capacity, 0)
+    arena.cuda_registered = int(rc) == 0
+
+
+def cuda_snapshot(jobs: list[tuple[np.ndarray, Any]]) -> Any:
+    """Start device-to-host copies into arena views on a side stream; returns an event."""
+    torch = _torch()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for dst, tensor in jobs:
+            name = str(tensor.dtype).removeprefix("torch.")
+            view = dst.view(_BITS[name]) if name in _BITS else dst
+            target = torch.from_numpy(view)
+            target = target.view(tensor.dtype) if name in _BITS else target
+            target.copy_(tensor.detach(), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
