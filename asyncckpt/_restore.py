@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _torch, _tree
+from . import _jax, _torch, _tree
 from ._errors import MismatchError
 from ._format import ArraySpec, Manifest
 
@@ -93,7 +93,7 @@ def _plan(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx = 
         raise _mismatch(path, "leaf value", target)
     if kind == "array":
         return _plan_array(node, target, path, plan, ctx)
-    if isinstance(target, np.ndarray) or _torch.is_tensor(target):
+    if isinstance(target, np.ndarray) or _torch.is_tensor(target) or _jax.is_array(target):
         raise _mismatch(path, f"{kind} value", target)
     value = _tree.decode_scalar(node)
     return lambda: value
@@ -175,14 +175,20 @@ def _plan_sequence(node: dict[str, Any], target: list[Any] | tuple[Any, ...], pa
 def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx) -> Finish:
     spec = plan.manifest.arrays[node["index"]]
     result: Any
-    if isinstance(target, np.ndarray) or _torch.is_tensor(target):
+    if isinstance(target, np.ndarray) or _torch.is_tensor(target) or _jax.is_array(target):
         shape = tuple(target.shape)
-        dtype = target.dtype if isinstance(target, np.ndarray) else _torch.numpy_dtype(target.dtype)
+        dtype = (_torch.numpy_dtype(target.dtype) if _torch.is_tensor(target)
+                 else np.dtype(target.dtype))
         if shape != spec.shape or dtype != spec.dtype:
             raise MismatchError(
                 f"{path}: the checkpoint has shape {spec.shape} dtype {spec.dtype}, the "
                 f"restore target has shape {shape} dtype {dtype}")
         result = target
+        if _jax.is_array(target):  # immutable: a new array on the target's devices
+            dest = np.empty(spec.shape, spec.dtype)
+            plan.specs.append(spec)
+            plan.destinations.append(dest)
+            return lambda: _jax.put_like(dest, target)
         if isinstance(target, np.ndarray):
             if not target.flags.writeable:
                 raise MismatchError(f"{path}: the restore target array is read-only")

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _torch
+from . import _jax, _torch
 
 __all__ = [
     "ArrayLeaf", "flatten", "escape_segment", "join_path", "dtype_to_str", "str_to_dtype",
@@ -35,8 +35,8 @@ _ML_DTYPE_NAMES = frozenset({
 class ArrayLeaf:
     """An array to be saved: its key path and the caller's data (not yet copied).
 
-    ``array`` is a host view of the data; for a CUDA tensor it is None and ``device`` holds
-    the tensor (the snapshot copies it device-to-host).
+    ``array`` is a host view of the data; for a CUDA tensor or a jax array it is None and
+    ``device`` holds the tensor or array (the snapshot copies it to the host).
     """
 
     path: str
@@ -118,6 +118,12 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
     if isinstance(value, np.ndarray):
         dtype_to_str(value.dtype, path)
         arrays.append(ArrayLeaf.of(path, value))
+        return {"t": "array", "index": len(arrays) - 1}
+    if _jax.is_array(value):
+        dtype = np.dtype(value.dtype)
+        dtype_to_str(dtype, path)
+        _jax.start_host_copy(value)
+        arrays.append(ArrayLeaf(path, None, dtype, tuple(value.shape), device=value))
         return {"t": "array", "index": len(arrays) - 1}
     if _torch.is_tensor(value):
         if value.device.type == "cpu":

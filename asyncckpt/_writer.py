@@ -25,7 +25,7 @@ from typing import Any, Callable
 import anyio
 import numpy as np
 
-from . import _commit, _fs, _torch, _tree
+from . import _commit, _fs, _jax, _torch, _tree
 from ._codec import DiskModel, Encoder
 from ._errors import SaveError, first_error
 from ._format import Chunk, encode_manifest, shard_name
@@ -77,7 +77,10 @@ def _copy_jobs(leaves: list[_tree.ArrayLeaf], offsets: list[int], arena: Arena
     for leaf, offset in zip(leaves, offsets):
         dst = arena.view(offset, leaf.nbytes).view(leaf.dtype).reshape(leaf.shape)
         if leaf.array is None:
-            device_jobs.append((dst, leaf.device))
+            if _jax.is_array(leaf.device):
+                jobs.append((dst, leaf.device))  # read whole in a copy thread, never sliced
+            else:
+                device_jobs.append((dst, leaf.device))
             continue
         src = leaf.array
         rows = src.shape[0] if src.ndim else 1
@@ -89,9 +92,10 @@ def _copy_jobs(leaves: list[_tree.ArrayLeaf], offsets: list[int], arena: Arena
     return jobs, device_jobs
 
 
-def _copy_all(jobs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def _copy_all(jobs: list[tuple[np.ndarray, Any]]) -> None:
     for dst, src in jobs:
-        np.copyto(dst, src, casting="no")
+        # np.asarray on a jax array waits for that array only, in this worker thread
+        np.copyto(dst, src if isinstance(src, np.ndarray) else np.asarray(src), casting="no")
 
 
 async def take_snapshot(values: dict[str, Any], save_counter: int, pool: StagingPool,
