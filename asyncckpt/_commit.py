@@ -8,6 +8,7 @@ checkpoint under the final name, plus at most a directory whose name marks it te
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 
@@ -16,11 +17,26 @@ import anyio
 from . import _fs
 from ._format import MANIFEST_NAME, OLD_MARK, TMP_MARK
 
-__all__ = ["temp_dir_for", "seal", "seal_sync", "publish", "publish_sync", "recover_replaced"]
+log = logging.getLogger("asyncckpt")
+
+__all__ = ["discard", "temp_dir_for", "seal", "seal_sync", "publish", "publish_sync", "recover_replaced"]
 
 
 def temp_dir_for(final: str) -> str:
     return f"{final}{TMP_MARK}{secrets.token_hex(4)}"
+
+
+def discard(path: str) -> OSError | None:
+    """Remove a temporary or replaced directory, best effort: the caller already has the
+    outcome that matters (published, or the original error). A failure is returned (and
+    logged); the residue's name marks it, and the next manager removes it."""
+    try:
+        _fs.remove_tree(path)
+    except OSError as exc:
+        log.warning("asyncckpt: could not remove %s (%s); a CheckpointManager opening this "
+                    "directory will remove it", path, exc)
+        return exc
+    return None
 
 
 def seal_sync(tmp: str, manifest: bytes, sync: bool) -> None:
@@ -47,14 +63,14 @@ def publish_sync(tmp: str, final: str, sync: bool) -> None:
     if _fs.exchange(tmp, final):
         if sync:
             _fs.fsync_dir(parent)
-        _fs.remove_tree(tmp)  # now holds the replaced checkpoint
+        discard(tmp)  # now holds the replaced checkpoint
         return
     old = f"{final}{OLD_MARK}{secrets.token_hex(4)}"
     _fs.rename(final, old)
     _fs.rename(tmp, final)
     if sync:
         _fs.fsync_dir(parent)
-    _fs.remove_tree(old)
+    discard(old)
 
 
 async def seal(tmp: str, manifest: bytes, *, sync: bool) -> None:

@@ -62,6 +62,13 @@ async def record_plain_save(path: str, *, sync: bool) -> None:
     await _directory.write_state(directory, state, sync=sync)
 
 
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where} [errno {exc.errno}]"
+    return repr(exc)
+
+
 class CheckpointManager:
     """Keeps a directory of numbered checkpoints, as ``tf.train.CheckpointManager`` does.
 
@@ -266,11 +273,11 @@ class CheckpointManager:
             except Exception as exc:
                 cause = first_error(exc)
                 handle._set_error(cause if isinstance(cause, SaveError) else SaveError(
-                    f"saving {handle.path} failed: {cause!r}; nothing was committed and "
-                    f"{self.latest_checkpoint} is still the latest checkpoint"))
+                    f"committing {handle.path} failed: {_explain(cause)}; nothing was "
+                    f"committed and {self.latest_checkpoint} is still the latest checkpoint"))
                 handle._error.__cause__ = handle._error.__cause__ or cause  # type: ignore
                 if staged is not None:
-                    await anyio.to_thread.run_sync(_fs.remove_tree, staged)
+                    await anyio.to_thread.run_sync(_commit.discard, staged)
             finally:
                 if handle._snapshot is not None:
                     handle._snapshot.release()
@@ -316,8 +323,15 @@ class CheckpointManager:
             _directory.write_owner(self._directory, self._owner_seen, sync=sync)
         finally:
             _fs.unlock(fd)
-        _directory.retire(self._directory, doomed, sync=sync)
-        _directory.clear_retire(self._directory)
+        try:
+            _directory.retire(self._directory, doomed, sync=sync)
+            _directory.clear_retire(self._directory)
+        except OSError as exc:
+            raise SaveError(
+                f"{path} was committed and is the latest checkpoint, but retiring "
+                f"{[os.path.basename(p) for p in doomed]} failed: {exc.strerror or exc} "
+                f"[errno {exc.errno}]; the next CheckpointManager on {self._directory} "
+                f"finishes it") from exc
 
     # -- restoring --------------------------------------------------------------------------
     async def restore_or_initialize(self) -> str | None:

@@ -261,8 +261,11 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
     temporary directory is removed and nothing is published; publication itself is shielded.
     """
     tmp = _commit.temp_dir_for(path)
+    phase = "starting"
     try:
+        phase = "creating the temporary directory"
         await anyio.to_thread.run_sync(_prepare, path, tmp)
+        phase = "writing shards"
         tasks = _tasks(snap, options.chunk_bytes)
         results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
         abort = threading.Event()
@@ -292,17 +295,19 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
                 tg.start_soon(run_encoder)
         stored = written[0]
         disk.observe(stored, time.perf_counter() - write_started)
+        phase = "writing the manifest"
         await _commit.seal(tmp, _manifest(snap, results), sync=options.fsync)
+        phase = "publishing"
         if publish:
             await _commit.publish(tmp, path, sync=options.fsync)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_fs.remove_tree, tmp)
+            await anyio.to_thread.run_sync(_commit.discard, tmp)
         cause = first_error(exc)
         if isinstance(cause, SaveError):
             raise cause
         if isinstance(cause, Exception):
-            raise SaveError(_describe(cause, path)) from cause
+            raise SaveError(_describe(cause, path, phase)) from cause
         raise
     finally:
         snap.release()
@@ -340,9 +345,10 @@ def _manifest(snap: Snapshot, results: list[tuple[int, Chunk] | None]) -> bytes:
     return encode_manifest(snap.save_counter, snap.values, arrays)
 
 
-def _describe(exc: BaseException, path: str) -> str:
+def _describe(exc: BaseException, path: str, phase: str) -> str:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
-        return (f"saving {path} failed: {exc.strerror or exc}{where} [errno {exc.errno}]; "
-                f"nothing was published and the previous checkpoint is untouched")
-    return f"saving {path} failed: {exc!r}; nothing was published"
+        return (f"saving {path} failed while {phase}: {exc.strerror or exc}{where} "
+                f"[errno {exc.errno}]; nothing was published and the previous checkpoint is "
+                f"untouched")
+    return f"saving {path} failed while {phase}: {exc!r}; nothing was published"
