@@ -60,3 +60,33 @@ def test_inspect_shows_the_tree(managed, capsys):
     out = capsys.readouterr().out
     assert "model: dict" in out and "w: array float64 [5000]" in out
     assert "b: array int8 [3]" in out and "step: array int64 []" in out
+
+
+def test_bench_runs_small_and_writes_json(tmp_path, capsys):
+    import json
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "4MiB", "--saves", "2", "--dir", str(tmp_path),
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "blocking per save" in text and "x memcpy" in text and "x write+fsync" in text
+    figures = json.loads(out.read_text())
+    assert figures["raw_bytes"] > 3 << 20 and len(figures["blocking_ms"]) == 2
+    assert [e for e in os.listdir(tmp_path) if e != "bench.json"] == []  # cleaned up
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "12"], "1 MiB minimum"),
+    (["--size", "lots"], "not a size"),
+    (["--dir", "/nonexistent/dir"], "not a directory"),
+])
+def test_bench_rejects_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_parse_size_units():
+    from asyncckpt._bench import parse_size
+    assert parse_size("256MiB") == 256 << 20
+    assert parse_size("4GiB") == 4 << 30
+    assert parse_size("1.5GB") == 1_500_000_000
