@@ -38,8 +38,8 @@ the sweep and once after; deletions happen in between.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ._state_file import CheckpointState
 
@@ -102,7 +102,7 @@ def recover(state: CheckpointState | None, *, now: float,
     paths = state.all_model_checkpoint_paths
     stamps = state.all_model_checkpoint_timestamps or (last_preserved,) * len(paths)
     managed: dict[str, float] = {}
-    for path, stamp in zip(paths, stamps):  # TF zips: extra paths or stamps are ignored
+    for path, stamp in zip(paths, stamps, strict=False):  # TF zips: extras are ignored
         stamp = min(stamp, now)
         if stamp > last_preserved:
             managed[resolve(path)] = stamp  # a repeated path keeps its first position
@@ -111,7 +111,7 @@ def recover(state: CheckpointState | None, *, now: float,
 
 def record_save(m: Managed, path: str, *, now: float) -> Managed:
     """The view after ``path`` was written at ``now``: newest managed, and latest."""
-    managed = dict(zip(m.paths, m.timestamps))
+    managed = dict(zip(m.paths, m.timestamps, strict=True))
     managed.pop(path, None)
     managed[path] = now
     return _view(managed, m.last_preserved_timestamp, path)
@@ -129,7 +129,7 @@ def sweep(m: Managed, *, max_to_keep: int | None,
         raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep}")
     if not max_to_keep:
         return SweepResult(m, (), ())
-    managed = dict(zip(m.paths, m.timestamps))
+    managed = dict(zip(m.paths, m.timestamps, strict=True))
     last_preserved = m.last_preserved_timestamp
     delete: list[str] = []
     preserve: list[str] = []

@@ -27,7 +27,8 @@ numbers as integers, decimals, exponents, ``inf``/``infinity``/``nan`` (any case
 place and the fault. Stricter than ``Merge`` on purpose, for states TensorFlow never writes:
 no or empty ``model_checkpoint_path`` (TensorFlow's ``get_checkpoint_state`` raises
 ``ValueError`` for that too, e.g. on an empty file), a singular field given twice, timestamps
-present but not one per path, unknown fields, text that is not UTF-8, more than 16 MiB.
+present but not one per path, unknown fields, text that is not UTF-8, more than 16 MiB
+or more than 2**21 tokens and escapes.
 
 Paths are returned as written: whether an absolute path or one with ``..`` is acceptable is
 the manager's decision (see :func:`is_safe_relative`).
@@ -42,11 +43,15 @@ from dataclasses import dataclass
 
 from ._errors import CorruptCheckpointError
 
-__all__ = ["CheckpointState", "MAX_STATE_BYTES", "encode_state", "decode_state",
-           "is_safe_relative"]
+__all__ = ["CheckpointState", "MAX_STATE_BYTES", "MAX_STATE_TOKENS", "encode_state",
+           "decode_state", "is_safe_relative"]
 
 MAX_STATE_BYTES = 16 * 1024 * 1024
 """The largest state file :func:`decode_state` reads."""
+MAX_STATE_TOKENS = 1 << 21
+"""The most tokens plus string escapes :func:`decode_state` reads, which bounds its time and
+memory (a few seconds, a few hundred MB). A TF-written file within ``MAX_STATE_BYTES`` has
+that many only if most of it is escaped non-ASCII path text."""
 
 _HINT = "; to recover, remove or rebuild the state file (CheckpointManager.rebuild_state())"
 
@@ -104,21 +109,26 @@ def encode_state(state: CheckpointState) -> bytes:
 
 _TOKEN = re.compile(r"""
     (?P<skip>[ \t\n\r\f\v]+|\#[^\n]*)
-  | (?P<string>"(?:[^"\\\n]|\\[^\n])*"|'(?:[^'\\\n]|\\[^\n])*')
+  | (?P<string>["'])
   | (?P<word>[A-Za-z0-9_.+-]+)
   | (?P<punct>[:\[\],;])
 """, re.VERBOSE)
+_STRING_STOP = {'"': re.compile(r'["\\\n]'), "'": re.compile(r"['\\\n]")}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"""
     [-+]?(?: (?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?
            | (?i:inf(?:inity)?f?|nanf?) )
 """, re.VERBOSE)
 _LEADING_ZERO = re.compile(r"[-+]?0[0-9]")
-_ESCAPE = re.compile(r"""\\(?:(?P<simple>[abfnrtv\\'"])|(?P<oct>[0-7]{1,3})|[xX](?P<hex>[0-9a-fA-F]{1,2})
-                          |u(?P<u4>[0-9a-fA-F]{4})|U(?P<u8>[0-9a-fA-F]{8}))""", re.VERBOSE)
-# No "\?": C++ protobuf reads it as "?", Python protobuf (TensorFlow's reader) as "\?".
-_SIMPLE = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, "'": 39,
-           '"': 34}
+_ESCAPE = re.compile(rb"\\(?:[0-7]{1,3}|x[0-9a-fA-F]{1,2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}"
+                     rb"|[\x00-\x7f]|[\xc0-\xff][\x80-\xbf]*)")
+# Simple and octal escapes, looked up (\x, \u and \U are decoded by _unescape). No "\?" and
+# no "\X": C++ protobuf reads "\?" as "?", Python protobuf (TensorFlow's reader) as "\?".
+_ESCAPES = {b"\\" + bytes([c]): bytes([v]) for c, v in zip(b"abfnrtv\\'\"",
+                                                            b"\a\b\f\n\r\t\v\\'\"",
+                                                            strict=True)}
+_ESCAPES.update({b"\\" + b"%0*o" % (width, v): bytes([v])
+                 for width in (1, 2, 3) for v in range(min(256, 8 ** width))})
 _STRINGS = ("model_checkpoint_path", "all_model_checkpoint_paths")
 _REPEATED = ("all_model_checkpoint_paths", "all_model_checkpoint_timestamps")
 _FIELDS = (*_STRINGS, "all_model_checkpoint_timestamps", "last_preserved_timestamp")
@@ -131,46 +141,67 @@ class _Bad(Exception):
 _Token = tuple[str, str, int]  # (kind, text, line)
 
 
+def _string_end(text: str, start: int, line: int, budget: int) -> tuple[int, int]:
+    """The end of the string literal opening at ``start``, and its number of escapes.
+
+    There is no newline inside a literal. More than ``budget`` escapes is an error.
+    """
+    quote, pos, escapes = text[start], start + 1, 0
+    while True:
+        stop = _STRING_STOP[quote].search(text, pos)
+        if stop is None or stop.group() == "\n":
+            raise _Bad(f"line {line}: unterminated string")
+        if stop.group() == quote:
+            return stop.end(), escapes
+        pos = stop.end() + 1  # past the escaped character
+        if pos > len(text) or text[pos - 1] == "\n":
+            raise _Bad(f"line {line}: unterminated string")
+        escapes += 1
+        if escapes > budget:
+            raise _Bad(f"line {line}: more than {MAX_STATE_TOKENS} tokens and escapes")
+
+
 def _tokens(text: str) -> Iterator[_Token]:
     """The tokens, lazily (memory stays bounded on hostile input); comments dropped."""
-    pos, line = 0, 1
+    pos, line, count = 0, 1, 0
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if match is None:
-            raise _Bad(f"line {line}: unexpected character {text[pos]!r}"
-                       + (" (unterminated string?)" if text[pos] in "\"'" else ""))
-        if match.lastgroup != "skip":
-            yield match.lastgroup or "", match.group(), line
-        line += match.group().count("\n")
-        pos = match.end()
+            raise _Bad(f"line {line}: unexpected character {text[pos]!r}")
+        kind, end = match.lastgroup or "", match.end()
+        if kind == "skip":
+            line += match.group().count("\n")
+        else:
+            count += 1
+            if kind == "string":
+                end, escapes = _string_end(text, pos, line, MAX_STATE_TOKENS - count)
+                count += escapes
+            if count > MAX_STATE_TOKENS:
+                raise _Bad(f"line {line}: more than {MAX_STATE_TOKENS} tokens and escapes")
+            yield kind, text[pos:end], line
+        pos = end
 
 
 def _unescape(token: str, line: int) -> bytes:
-    """The bytes of one quoted string literal."""
-    body, out, pos = token[1:-1], bytearray(), 0
-    while pos < len(body):
-        cut = body.find("\\", pos)
-        out += body[pos:len(body) if cut < 0 else cut].encode("utf-8")
-        if cut < 0:
-            break
-        match = _ESCAPE.match(body, cut)
-        if match is None:
-            raise _Bad(f"line {line}: invalid escape {body[cut:cut + 2]!r} in a string")
-        pos = match.end()
-        if match["simple"]:
-            out.append(_SIMPLE[match["simple"]])
-        elif match["oct"]:
-            if int(match["oct"], 8) > 0o377:
-                raise _Bad(f"line {line}: octal escape \\{match['oct']} is above \\377")
-            out.append(int(match["oct"], 8))
-        elif match["hex"]:
-            out.append(int(match["hex"], 16))
-        else:
-            code = int(match["u4"] or match["u8"], 16)
-            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
-                raise _Bad(f"line {line}: {match.group()} is not a Unicode scalar value")
-            out += chr(code).encode("utf-8")
-    return bytes(out)
+    """The bytes of one quoted string literal (its text is valid UTF-8, with C escapes)."""
+
+    def escaped(match: re.Match[bytes]) -> bytes:
+        found = _ESCAPES.get(match.group())
+        if found is not None:
+            return found
+        text = match.group().decode("utf-8")
+        if text[1] == "x" and len(text) > 2:
+            return bytes([int(text[2:], 16)])
+        if text[1] in "uU" and len(text) > 2:
+            code = int(text[2:], 16)
+            if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF:
+                return chr(code).encode("utf-8")
+            raise _Bad(f"line {line}: {text} is not a Unicode scalar value")
+        if text[1] in "01234567":
+            raise _Bad(f"line {line}: octal escape {text} is above \\377")
+        raise _Bad(f"line {line}: invalid escape {text!r} in a string")
+
+    return _ESCAPE.sub(escaped, token[1:-1].encode("utf-8"))
 
 
 def _number(word: str, line: int, field: str) -> float:
@@ -188,9 +219,6 @@ class _Parser:
         self.next: _Token | None = next(tokens, None)
         self.line = 1
         self.values: dict[str, list[str | float]] = {}
-
-    def peek(self) -> _Token | None:
-        return self.next
 
     def skip(self) -> None:
         self.next = next(self.tokens, None)
@@ -211,12 +239,12 @@ class _Parser:
             return _number(text, line, field)
         if kind != "string":
             raise _Bad(f"line {line}: {field} needs a quoted string, got {text!r}")
-        raw = _unescape(text, line)
-        while (nxt := self.peek()) is not None and nxt[0] == "string":  # "a" "b" == "ab"
-            raw += _unescape(nxt[1], nxt[2])
+        parts = [_unescape(text, line)]
+        while (nxt := self.next) is not None and nxt[0] == "string":  # "a" "b" == "ab"
+            parts.append(_unescape(nxt[1], nxt[2]))
             self.skip()
         try:
-            return raw.decode("utf-8")
+            return b"".join(parts).decode("utf-8")
         except UnicodeDecodeError:
             raise _Bad(f"line {line}: {field} is not valid UTF-8") from None
 
@@ -231,12 +259,11 @@ class _Parser:
         if self.take(f"':' after {name}")[1] != ":":
             raise _Bad(f"line {line}: expected ':' after {name}")
         values = self.values.setdefault(name, [])
-        nxt = self.peek()
-        if nxt is not None and nxt[1] == "[":
+        if (nxt := self.next) is not None and nxt[1] == "[":
             if name not in _REPEATED:
                 raise _Bad(f"line {nxt[2]}: {name} is not a repeated field")
             self.skip()
-            if (self.peek() or ("", "", 0))[1] == "]":
+            if (self.next or ("", "", 0))[1] == "]":
                 self.skip()
             else:
                 while True:
@@ -248,14 +275,13 @@ class _Parser:
                         raise _Bad(f"line {sep_line}: expected ',' or ']', got {sep!r}")
         else:
             values.append(self.value(name))
-        nxt = self.peek()
-        if nxt is not None and nxt[1] in (",", ";"):
+        if (nxt := self.next) is not None and nxt[1] in (",", ";"):
             self.skip()
 
     def parse(self) -> CheckpointState:
-        if self.peek() is None:
+        if self.next is None:
             raise _Bad("the file is empty (no fields, only whitespace or comments)")
-        while self.peek() is not None:
+        while self.next is not None:
             self.field()
         latest = self.values.get("model_checkpoint_path", [""])[0]
         if not latest:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from asyncckpt._retention import Managed, SweepResult, recover, record_save, sweep, to_state
+from asyncckpt._retention import Managed, SweepResult, record_save, recover, sweep, to_state
 from asyncckpt._state_file import CheckpointState, decode_state, encode_state
 
 DIR = "/ckpts"

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asyncckpt import _state_file
 from asyncckpt._errors import CorruptCheckpointError
 from asyncckpt._state_file import (
     MAX_STATE_BYTES,
@@ -160,6 +161,13 @@ REJECTED = [
     (b'model_checkpoint_path: "a', "unterminated string"),
     (b'model_checkpoint_path: "a\\q"', "invalid escape"),
     (b'model_checkpoint_path: "a\\?"', "invalid escape"),
+    (b'model_checkpoint_path: "\\X41"', "invalid escape"),
+    (b'model_checkpoint_path: "\\x"', "invalid escape"),
+    (b'model_checkpoint_path: "\\u12"', "invalid escape"),
+    (b'model_checkpoint_path: "\\\xc3\xa9"', "invalid escape"),
+    (b'model_checkpoint_path: "a\\', "unterminated string"),
+    (b'model_checkpoint_path: "a\\\n"', "unterminated string"),
+    (b"model_checkpoint_path: 'a\"", "unterminated string"),
     (b'model_checkpoint_path: "\\777"', "above"),
     (b'model_checkpoint_path: "\\ud800"', "not a Unicode scalar value"),
     (b'model_checkpoint_path: "\\377"', "not valid UTF-8"),
@@ -197,6 +205,17 @@ def test_decode_rejects_everything_else_with_a_clear_message(data, fault):
 def test_errors_give_the_line():
     with pytest.raises(CorruptCheckpointError, match="line 3: unknown field 'oops'"):
         decode_state(b'model_checkpoint_path: "a"\n# note\noops: 1\n', source="s")
+
+
+def test_token_and_escape_budget(monkeypatch):
+    monkeypatch.setattr(_state_file, "MAX_STATE_TOKENS", 8)
+    assert decode_state(b'model_checkpoint_path: "\\n\\t\\001\\x41\\u00e9"',
+                        source="s") == CheckpointState("\n\t\x01A\u00e9")
+    for data in (b'model_checkpoint_path: "\\n\\t\\001\\x41\\u00e9\\n"',
+                 b'model_checkpoint_path: "a" "b" "c" "d" "e" "f" "g"',
+                 b'model_checkpoint_path: "a" all_model_checkpoint_timestamps: [1, 2, 3]'):
+        with pytest.raises(CorruptCheckpointError, match="more than 8 tokens and escapes"):
+            decode_state(data, source="s")
 
 
 def test_size_cap():
