@@ -198,7 +198,7 @@ def _encode_worker(tasks: list[_Task], counter: Callable[[], int],
         out.put(None)  # always: the writer counts one end marker per encoder
 
 
-def _write_worker(tmp: str, tasks: list[_Task], encoders: int, sync: bool,
+def _write_worker(tmp: str, name: str, tasks: list[_Task], encoders: int, sync: bool,
                   abort: threading.Event,
                   inbox: queue.Queue[tuple[int, memoryview | bytes, str, str, int] | None],
                   results: list[tuple[int, Chunk] | None]) -> int:
@@ -207,7 +207,6 @@ def _write_worker(tmp: str, tasks: list[_Task], encoders: int, sync: bool,
     After a failure it keeps draining the inbox until every encoder ended, so no encoder is
     left blocked on a full queue.
     """
-    name = shard_name(0)
     fd = None
     offset = flushed = ended = 0
     try:
@@ -244,6 +243,45 @@ def _write_worker(tmp: str, tasks: list[_Task], encoders: int, sync: bool,
     return offset
 
 
+async def write_shard(snap: Snapshot, directory: str, name: str, options: CheckpointOptions,
+                      workers: WorkerThreads, disk: DiskModel
+                      ) -> tuple[list[_Task], list[tuple[int, Chunk] | None], int]:
+    """Encode the snapshot's chunks and append them to ``directory/name``, fsynced.
+
+    Returns the chunk tasks, per task ``(array index, Chunk)``, and the bytes written.
+    Cancellation: the workers stop after their current chunk; the caller removes the file.
+    """
+    tasks = _tasks(snap, options.chunk_bytes)
+    results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
+    abort = threading.Event()
+    counter = itertools.count().__next__
+    encoders = max(1, min(options.io_threads, len(tasks)))
+    inbox: queue.Queue = queue.Queue(maxsize=2 * encoders)
+    write_started = time.perf_counter()
+    make_encoder = functools.partial(
+        Encoder, compression=options.compression, level=options.compression_level,
+        adaptive=options.adaptive_compression, shuffle=options.byte_shuffle,
+        chunk_bytes=options.chunk_bytes, disk=disk, threads=encoders)
+    written = [0]
+
+    async def run_encoder() -> None:
+        await workers.run(lambda: _encode_worker(tasks, counter, make_encoder, abort, inbox),
+                          on_cancel=abort.set)
+
+    async def run_writer() -> None:
+        written[0] = await workers.run(
+            lambda: _write_worker(directory, name, tasks, encoders, options.fsync, abort, inbox,
+                                  results),
+            on_cancel=abort.set)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_writer)
+        for _ in range(encoders):
+            tg.start_soon(run_encoder)
+    disk.observe(written[0], time.perf_counter() - write_started)
+    return tasks, results, written[0]
+
+
 async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
                          workers: WorkerThreads, disk: DiskModel, *, publish: bool = True
                          ) -> tuple[SaveMetrics, str]:
@@ -266,35 +304,8 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
         phase = "creating the temporary directory"
         await anyio.to_thread.run_sync(_prepare, path, tmp)
         phase = "writing shards"
-        tasks = _tasks(snap, options.chunk_bytes)
-        results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
-        abort = threading.Event()
-        counter = itertools.count().__next__
-        encoders = max(1, min(options.io_threads, len(tasks)))
-        inbox: queue.Queue = queue.Queue(maxsize=2 * encoders)
-        write_started = time.perf_counter()
-        make_encoder = functools.partial(
-            Encoder, compression=options.compression, level=options.compression_level,
-            adaptive=options.adaptive_compression, shuffle=options.byte_shuffle,
-            chunk_bytes=options.chunk_bytes, disk=disk, threads=encoders)
-        written = [0]
-
-        async def run_encoder() -> None:
-            await workers.run(lambda: _encode_worker(tasks, counter, make_encoder, abort, inbox),
-                              on_cancel=abort.set)
-
-        async def run_writer() -> None:
-            written[0] = await workers.run(
-                lambda: _write_worker(tmp, tasks, encoders, options.fsync, abort, inbox,
-                                      results),
-                on_cancel=abort.set)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run_writer)
-            for _ in range(encoders):
-                tg.start_soon(run_encoder)
-        stored = written[0]
-        disk.observe(stored, time.perf_counter() - write_started)
+        tasks, results, stored = await write_shard(snap, tmp, shard_name(0), options,
+                                                   workers, disk)
         phase = "writing the manifest"
         await _commit.seal(tmp, _manifest(snap, results), sync=options.fsync)
         phase = "publishing"
