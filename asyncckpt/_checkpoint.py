@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import anyio
 
-from . import _reader, _tree, _writer
+from . import _commit, _dist, _reader, _tree, _writer
 from ._codec import DiskModel
 from ._errors import IncompleteRestoreError
 from ._options import CheckpointOptions, SaveMetrics
@@ -63,7 +64,13 @@ class Checkpoint:
     across event loops.
     """
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, *, replicated: list[str] | tuple[str, ...] | None = None,
+                 process_group: Any = None, **values: Any) -> None:
+        globs = list(replicated or ())
+        object.__setattr__(self, "_replicated_globs", globs)
+        object.__setattr__(self, "_is_replicated", _dist.compile_globs(globs))
+        object.__setattr__(self, "_process_group", process_group)
+        object.__setattr__(self, "_collective_saves", [0])
         object.__setattr__(self, "_values", {})
         object.__setattr__(self, "_save_counter", 0)
         object.__setattr__(self, "_pool", StagingPool())
@@ -107,8 +114,46 @@ class Checkpoint:
             self._workers[key] = WorkerThreads(low_priority=key)
         return self._workers[key]
 
+    def _coordinator(self, options: CheckpointOptions) -> _dist.Coordinator | None:
+        """The ranks this checkpoint spans (None in a single process)."""
+        coord = _dist.Coordinator.current(self._process_group, options.coordination_timeout,
+                                          self._collective_saves)
+        if coord is not None and options.io_rank is not None:
+            if options.io_rank >= coord.world:
+                raise ValueError(f"experimental_io_device names rank {options.io_rank}, but the "
+                                 f"world size is {coord.world}")
+            raise NotImplementedError(
+                "experimental_io_device with several processes (one rank doing all file I/O) "
+                "is not implemented yet; leave it None so every rank writes its own shard")
+        return coord
+
     async def _snapshot(self, save_counter: int, options: CheckpointOptions) -> _writer.Snapshot:
-        return await _writer.take_snapshot(self._values, save_counter, self._pool, options)
+        coord = self._coordinator(options)
+        stage = None
+        if coord is not None:
+            def stage(leaves: list[Any]) -> list[bool]:
+                shared = [(leaf.path, leaf.nbytes) for leaf in leaves
+                          if self._is_replicated(leaf.path)]
+                owners = _dist.assign_owners(shared, coord.world)
+                return [owners.get(leaf.path, coord.rank) == coord.rank for leaf in leaves]
+        return await _writer.take_snapshot(self._values, save_counter, self._pool, options,
+                                           stage)
+
+    async def _write_collective(self, coord: _dist.Coordinator, snap: _writer.Snapshot,
+                                path: str, options: CheckpointOptions,
+                                commit: _dist.Commit) -> tuple[SaveMetrics, Any]:
+        """Write with every rank, commit on rank 0 (see ``_dist``). Shielded: one rank
+        cannot abandon a collective save halfway."""
+        with anyio.CancelScope(shield=True):
+            stored, extra = await _dist.write_collective(
+                coord, snap, path, options, self._worker_threads(options), self._disk,
+                self._is_replicated, self._replicated_globs, commit)
+        metrics = SaveMetrics(raw_bytes=snap.raw_bytes, stored_bytes=stored,
+                              snapshot_seconds=snap.snapshot_seconds,
+                              total_seconds=_writer.seconds_since(snap.started),
+                              page_locked=snap.page_locked)
+        object.__setattr__(self, "last_save_metrics", metrics)
+        return metrics, extra
 
     async def _write_snapshot(self, snap: _writer.Snapshot, path: str,
                               options: CheckpointOptions, *, publish: bool = True
@@ -131,8 +176,19 @@ class Checkpoint:
         options = _options(options)
         path = os.fspath(file_path)
         snap = await self._snapshot(self._save_counter, options)
-        await self._write_snapshot(snap, path, options)
+        await self._write_any(snap, path, options)
         return path
+
+    async def _write_any(self, snap: _writer.Snapshot, path: str,
+                         options: CheckpointOptions) -> None:
+        coord = self._coordinator(options)
+        if coord is None:
+            await self._write_snapshot(snap, path, options)
+            return
+
+        async def publish(tmp: str) -> None:
+            await _commit.publish(tmp, path, sync=options.fsync)
+        await self._write_collective(coord, snap, path, options, publish)
 
     async def save(self, file_prefix: str | os.PathLike[str],
                    options: CheckpointOptions | None = None) -> str:
@@ -147,11 +203,13 @@ class Checkpoint:
         number = self._save_counter + 1
         path = f"{os.fspath(file_prefix)}-{number}"
         snap = await self._snapshot(number, options)
-        await self._write_snapshot(snap, path, options)
+        await self._write_any(snap, path, options)
         object.__setattr__(self, "_save_counter", number)
         from ._manager import record_plain_save  # the state file lives with the manager
-        with anyio.CancelScope(shield=True):
-            await record_plain_save(path, sync=options.fsync)
+        coord = self._coordinator(options)
+        if coord is None or coord.rank == 0:
+            with anyio.CancelScope(shield=True):
+                await record_plain_save(path, sync=options.fsync)
         return path
 
     async def restore(self, save_path: str | os.PathLike[str] | None,
@@ -169,7 +227,8 @@ class Checkpoint:
         if save_path is None:
             return LoadStatus([], [], path=None)
         path = os.fspath(save_path)
-        manifest = await _reader.read_manifest(path)
+        manifest = _for_this_process(await _reader.read_manifest(path),
+                                     self._coordinator(options))
         plan = plan_restore(manifest, self._values)
         await _reader.read_arrays(path, plan.specs, plan.destinations,
                                   threads=options.io_threads)
@@ -179,6 +238,16 @@ class Checkpoint:
             self._values[name] = finish()
         object.__setattr__(self, "_save_counter", manifest.save_counter)
         return LoadStatus(plan.missing, plan.unexpected, path=path)
+
+
+def _for_this_process(manifest: Any, coord: _dist.Coordinator | None) -> Any:
+    """A manifest written by several processes, as this process restores it: its own
+    rank's values on the same world size, otherwise only the replicated values."""
+    if manifest.ranks is None:
+        return manifest
+    same_world = coord is not None and coord.world == len(manifest.ranks)
+    values = _dist.view(manifest, coord.rank if same_world else None)  # type: ignore[union-attr]
+    return dataclasses.replace(manifest, values=values)
 
 
 def _options(options: CheckpointOptions | None) -> CheckpointOptions:
@@ -204,8 +273,16 @@ async def load(path: str | os.PathLike[str],
     specs = list(manifest.arrays)
     arrays = [_empty(spec) for spec in specs]
     await _reader.read_arrays(directory, specs, arrays, threads=options.io_threads)
-    tree: dict[str, Any] = {name: _tree.node_to_value(node, arrays.__getitem__)
-                            for name, node in manifest.values.items()}
+    if manifest.ranks is None:
+        tree: dict[str, Any] = {name: _tree.node_to_value(node, arrays.__getitem__)
+                                for name, node in manifest.values.items()}
+    else:  # several processes: replicated values once, then each rank's own under "rank/<r>"
+        tree = {name: _tree.node_to_value(node, arrays.__getitem__)
+                for name, node in _dist.view(manifest, None).items()}
+        for rank in range(len(manifest.ranks)):
+            tree[f"rank/{rank}"] = {
+                name: _tree.node_to_value(node, arrays.__getitem__)
+                for name, node in _dist.local_view(manifest, rank).items()}
     tree["save_counter"] = manifest.save_counter
     return tree
 

@@ -19,6 +19,7 @@ __all__ = ["DiskModel", "Encoder", "Decoder", "ChunkDamaged"]
 
 _PROBE_BYTES = 64 << 10
 _MAX_WINDOW = 128 << 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class ChunkDamaged(Exception):
@@ -137,37 +138,43 @@ class Encoder:
 
 
 class Decoder:
-    """Verifies and decodes stored chunks into destination memory (per worker thread)."""
+    """Verifies and decodes stored chunks into destination memory (per worker thread).
+
+    Stored bytes are untrusted: the checksum is checked first, and a zstd frame must be one
+    standard frame (no skippable frame, no dictionary) whose header declares exactly
+    ``raw_len`` bytes and a window of at most 128 MiB, with nothing after it. Only then is
+    ``raw_len`` bytes allocated for it (``raw_len`` itself is bounded by the manifest checks).
+    """
 
     def __init__(self) -> None:
         self._zstd = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
-        self._scratch = np.empty(0, dtype=np.uint8)
-
-    def _buffer(self, nbytes: int) -> np.ndarray:
-        if self._scratch.size < nbytes:
-            self._scratch = np.empty(nbytes, dtype=np.uint8)
-        return self._scratch[:nbytes]
 
     def verify(self, stored: memoryview, chunk: Chunk) -> None:
         if zlib.crc32(stored) != chunk.crc32:
             raise ChunkDamaged("checksum mismatch")
 
     def decode(self, stored: memoryview, chunk: Chunk, itemsize: int, out: np.ndarray) -> None:
-        """Check ``stored`` against ``chunk`` and write the raw bytes into ``out`` (uint8).
+        """Check ``stored`` against ``chunk`` and write the raw bytes into ``out`` (uint8,
+        ``raw_len`` long).
 
         A raw, unfiltered chunk is best read straight into ``out`` and checked with
         :meth:`verify` instead.
         """
         self.verify(stored, chunk)
-        target = self._buffer(chunk.raw_len) if chunk.filter == "shuffle" else out
         if chunk.codec == "raw":
-            target[:] = np.frombuffer(stored, dtype=np.uint8)
+            raw = np.frombuffer(stored, dtype=np.uint8)
         else:
-            self._inflate(stored, chunk, target)
+            raw = np.frombuffer(self._inflate(stored, chunk), dtype=np.uint8)
+        if raw.size != chunk.raw_len or out.size != chunk.raw_len:
+            raise ChunkDamaged(f"{raw.size} bytes decoded, the manifest says {chunk.raw_len}")
         if chunk.filter == "shuffle":
-            unshuffle_into(target, itemsize, out)
+            unshuffle_into(raw, itemsize, out)
+        else:
+            np.copyto(out, raw)
 
-    def _inflate(self, stored: memoryview, chunk: Chunk, target: np.ndarray) -> None:
+    def _inflate(self, stored: memoryview, chunk: Chunk) -> bytes:
+        if bytes(stored[:4]) != _ZSTD_MAGIC:
+            raise ChunkDamaged("not a zstd frame (bad magic number)")
         try:
             params = zstandard.get_frame_parameters(stored)
         except zstandard.ZstdError as exc:
@@ -177,16 +184,11 @@ class Decoder:
                                f"says {chunk.raw_len}")
         if params.window_size > _MAX_WINDOW:
             raise ChunkDamaged(f"zstd window of {params.window_size} bytes is too large")
+        if params.dict_id:
+            raise ChunkDamaged(f"zstd frame needs dictionary {params.dict_id}")
         try:
-            with self._zstd.stream_reader(stored, read_across_frames=True) as reader:
-                view = memoryview(target).cast("B")
-                filled = 0
-                while filled < chunk.raw_len:
-                    n = reader.readinto(view[filled:])
-                    if n == 0:
-                        raise ChunkDamaged("zstd frame ends early")
-                    filled += n
-                if reader.read(1):
-                    raise ChunkDamaged("data after the zstd frame")
+            # One frame of the declared size; any byte after it (even an empty frame) is an
+            # error.
+            return self._zstd.decompress(stored, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise ChunkDamaged(f"zstd: {exc}") from exc

@@ -181,6 +181,9 @@ class CheckpointManager:
         if self._cleaned:
             return
         self._cleaned = True
+        coord = self._checkpoint._coordinator(self._options)
+        if coord is not None and coord.rank != 0:
+            return  # with several processes only rank 0 changes the directory
         state = await _directory.read_state(self._directory)
         await anyio.to_thread.run_sync(
             lambda: _directory.clean_residue(self._directory, state, sync=self._options.fsync))
@@ -262,6 +265,10 @@ class CheckpointManager:
             try:
                 assert handle._snapshot is not None
                 started = handle._snapshot.started
+                coord = self._checkpoint._coordinator(handle._options)
+                if coord is not None:
+                    await self._finish_collective(coord, handle)
+                    return
                 metrics, staged = await self._checkpoint._write_snapshot(
                     handle._snapshot, handle.path, handle._options, publish=False)
                 async with self._sequencer.turn(handle._ticket):
@@ -284,6 +291,27 @@ class CheckpointManager:
                     handle._snapshot = None
                 self._sequencer.done(handle._ticket)
                 handle._finished.set()
+
+    async def _finish_collective(self, coord: Any, handle: SaveHandle) -> None:
+        """Several processes: one collective save at a time (every rank must meet the others
+        in the same order); rank 0 commits and sends every rank its new view."""
+        snap = handle._snapshot
+        assert snap is not None
+
+        async def commit(staged: str) -> dict[str, Any]:
+            await anyio.to_thread.run_sync(self._commit, staged, handle.path, handle._options)
+            m = self._managed
+            return {"paths": list(m.paths), "timestamps": list(m.timestamps),
+                    "last_preserved": m.last_preserved_timestamp, "latest": m.latest}
+
+        async with self._sequencer.turn(handle._ticket):
+            metrics, view = await self._checkpoint._write_collective(
+                coord, snap, handle.path, handle._options, commit)
+        handle._snapshot = None
+        if coord.rank != 0:
+            self._managed = _retention.Managed(tuple(view["paths"]), tuple(view["timestamps"]),
+                                               view["last_preserved"], view["latest"])
+        handle.metrics = metrics
 
     def _commit(self, staged: str, path: str, options: CheckpointOptions) -> None:
         """The commit (a worker thread, one at a time, in save order).

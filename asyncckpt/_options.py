@@ -67,6 +67,9 @@ class CheckpointOptions:
             ``None``: two snapshots' worth (one writing while the next is taken).
         low_priority_threads: run background compress/write threads at the lowest CPU
             priority (Linux ``nice 19``) so a training step keeps its cores.
+        coordination_timeout: with several processes (``torch.distributed``), the most
+            seconds a rank waits for the others during a save; the error names each rank
+            that did not arrive.
     """
 
     experimental_io_device: str | int | None = None
@@ -80,8 +83,14 @@ class CheckpointOptions:
     page_lock: bool = True
     staging_budget_bytes: int | None = None
     low_priority_threads: bool = True
+    coordination_timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        if (isinstance(self.coordination_timeout, bool)
+                or not isinstance(self.coordination_timeout, (int, float))
+                or not 0 < self.coordination_timeout < float("inf")):
+            raise ValueError(f"coordination_timeout must be a positive number of seconds, got "
+                             f"{self.coordination_timeout!r}")
         parse_io_device(self.experimental_io_device)
         if self.compression not in ("zstd", "none"):
             raise ValueError(f"compression must be 'zstd' or 'none', got {self.compression!r}")

@@ -3,7 +3,8 @@
 Chunks go straight into their destination arrays (raw chunks are read in place and then
 checked); only non-contiguous destinations need a temporary. Every file is untrusted: the
 manifest is fully validated (:mod:`._format`), shard files are opened without following
-symlinks, must be regular files, and must hold every range the manifest points into.
+symlinks, must be regular files, and must hold every range the manifest points into. All of
+that is checked by :func:`read_manifest`, before a caller allocates anything for the arrays.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import anyio
 import numpy as np
 
-from . import _fs
+from . import _fs, _tree
 from ._codec import ChunkDamaged, Decoder
 from ._errors import CorruptCheckpointError, RestoreError, first_error
 from ._format import MANIFEST_LIMIT, MANIFEST_NAME, ArraySpec, Chunk, Manifest, decode_manifest
@@ -33,18 +34,46 @@ async def read_manifest(path: str) -> Manifest:
         raise RestoreError(f"no checkpoint at {path}: it is not a directory")
     source = os.path.join(path, MANIFEST_NAME)
     try:
-        data = await _fs.read_small(source, MANIFEST_LIMIT + 64)
+        # Sized first: a read of up to the limit would reserve 256 MiB for every manifest,
+        # and a file over the limit is rejected without reading it.
+        size = await anyio.to_thread.run_sync(_file_size, source)
+        if size > MANIFEST_LIMIT + 64:
+            raise ValueError(f"{source} is {size} bytes, more than a manifest can be "
+                             f"({MANIFEST_LIMIT} bytes of body)")
+        data = await _fs.read_small(source, size + 64)
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{source} is missing: {path} is not a complete "
                                      f"checkpoint") from exc
     except (OSError, ValueError) as exc:
         raise CorruptCheckpointError(f"cannot read {source}: {exc}") from exc
-    return decode_manifest(data, source=source)
+    # Off the event loop: a large manifest takes a while to parse and validate.
+    return await anyio.to_thread.run_sync(_decode_and_check, data, source, path)
+
+
+def _file_size(path: str) -> int:
+    fd = _fs.open_read(path)
+    try:
+        return _fs.file_size(fd)
+    finally:
+        _fs.close(fd)
+
+
+def _decode_and_check(data: bytes, source: str, path: str) -> Manifest:
+    """The validated manifest, once every shard it names was found to be a regular file in
+    ``path`` that holds the chunks the manifest puts in it."""
+    manifest = decode_manifest(data, source=source)
+    _Shards(path, list(manifest.arrays)).close()
+    return manifest
 
 
 def byte_view(array: np.ndarray) -> np.ndarray:
     """The bytes of a C-contiguous array as a flat uint8 view (shares memory)."""
     return array.reshape(-1).view(np.uint8)
+
+
+# open(2) failures that mean "no regular file there" (ELOOP: a symlink, ENXIO: a socket...).
+_NOT_A_FILE = frozenset({errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.ENOTDIR, errno.EISDIR,
+                         errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP, errno.ENAMETOOLONG})
 
 
 class _Shards:
@@ -62,11 +91,12 @@ class _Shards:
                 try:
                     self.fds[name] = fd = _fs.open_read(path)
                 except OSError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.ENOTDIR):
+                    if exc.errno in _NOT_A_FILE:
                         raise CorruptCheckpointError(
-                            f"shard {path} is missing or not a regular file ({exc.strerror})"
-                        ) from exc
-                    raise
+                            f"shard {path} is missing or not a regular file ({exc.strerror}); "
+                            f"the checkpoint is incomplete: restore another one") from exc
+                    raise RestoreError(f"cannot open shard {path}: {exc}; the checkpoint may "
+                                       f"be fine, check permissions and storage") from exc
                 size = _fs.file_size(fd)
                 if size < end:
                     raise CorruptCheckpointError(
@@ -102,6 +132,11 @@ def _read_worker(directory: str, jobs: list[tuple[ArraySpec, Chunk, int, np.ndar
                 stored = memoryview(scratch)[:chunk.stored_len]
                 _fs.pread_into(fd, stored, chunk.offset)
                 decoder.decode(stored, chunk, spec.dtype.itemsize, out)
+            if spec.dtype.kind == "U":
+                try:
+                    _tree.check_code_points(out.view(spec.dtype))
+                except ValueError as exc:
+                    raise ChunkDamaged(str(exc)) from exc
         except (ChunkDamaged, EOFError) as exc:
             abort.set()
             raise CorruptCheckpointError(

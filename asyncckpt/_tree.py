@@ -16,13 +16,22 @@ from . import _jax, _torch
 
 __all__ = [
     "ArrayLeaf", "flatten", "escape_segment", "join_path", "dtype_to_str", "str_to_dtype",
-    "decode_scalar", "has_state_dict", "node_to_value",
+    "decode_scalar", "has_state_dict", "node_to_value", "MAX_DEPTH", "INT_KEY_MIN",
+    "INT_KEY_MAX", "check_code_points",
 ]
+
+# How deep containers may nest (docs/format.md, "Limits"). A ``state`` node counts as a level
+# of its own, as it does in the manifest. The reader enforces the same bound, so everything
+# that can be saved can be restored, and the manifest's JSON stays well under 512 levels.
+MAX_DEPTH = 100
+# Integer dict keys must fit in 64 bits (their hashes then cannot be made to collide at will).
+INT_KEY_MIN = -(1 << 63)
+INT_KEY_MAX = (1 << 63) - 1
 
 _INT_RE = re.compile(r"-?[0-9]+\Z")
 _NUMPY_DTYPE_RE = re.compile(
-    r"[<>|=]?(?:b1|[iu][1248]|f(?:2|4|8|12|16)|c(?:8|16|24|32)|[mM]8(?:\[[0-9]*[a-zA-Z]{1,3}\])?"
-    r"|[SUV][1-9][0-9]{0,7})\Z"
+    r"[<>|=]?(?:b1|[iu][1248]|f(?:2|4|8|12|16)|c(?:8|16|24|32)"
+    r"|[mM]8(?:\[(?:[1-9][0-9]{0,9})?[a-zA-Z]{1,3}\])?|[SUV][1-9][0-9]{0,7})\Z"
 )
 _ML_DTYPE_NAMES = frozenset({
     "bfloat16", "float8_e3m4", "float8_e4m3", "float8_e4m3b11fnuz", "float8_e4m3fn",
@@ -98,10 +107,17 @@ def str_to_dtype(text: object) -> np.dtype:
             raise ValueError(
                 f"dtype {text} needs the ml_dtypes package: pip install ml_dtypes"
             ) from exc
-        return np.dtype(getattr(ml_dtypes, text))
+        dtype = getattr(ml_dtypes, text, None)
+        if dtype is None:
+            raise ValueError(f"dtype {text} is not known to the installed ml_dtypes "
+                             f"{getattr(ml_dtypes, '__version__', '')}: upgrade ml_dtypes")
+        return np.dtype(dtype)
     if not _NUMPY_DTYPE_RE.match(text):
-        raise ValueError(f"unknown dtype {text!r}")
-    return np.dtype(text)
+        raise ValueError(f"unknown dtype {text[:40]!r}")
+    try:
+        return np.dtype(text)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"unknown dtype {text!r} ({exc})") from exc
 
 
 def flatten(name: str, value: Any) -> tuple[dict[str, Any], list[ArrayLeaf]]:
@@ -113,8 +129,9 @@ def flatten(name: str, value: Any) -> tuple[dict[str, Any], list[ArrayLeaf]]:
 
 def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
             active: set[int]) -> dict[str, Any]:
-    if depth > 400:
-        raise ValueError(f"{path}: nesting is deeper than 400 levels")
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{path}: containers nest deeper than {MAX_DEPTH} levels; a "
+                         f"checkpoint cannot hold such a tree")
     if isinstance(value, np.ndarray):
         dtype_to_str(value.dtype, path)
         arrays.append(ArrayLeaf.of(path, value))
@@ -169,6 +186,9 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
 
 def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
                       active: set[int]) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{path}: containers nest deeper than {MAX_DEPTH} levels; a "
+                         f"checkpoint cannot hold such a tree")
     if isinstance(value, dict):
         items = []
         for key, item in value.items():
@@ -177,6 +197,9 @@ def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int
                     f"{path}: dict key {key!r} has type {type(key).__qualname__}; only str and "
                     f"int keys can be saved"
                 )
+            if isinstance(key, int) and not INT_KEY_MIN <= key <= INT_KEY_MAX:
+                raise ValueError(f"{path}: dict key {key} does not fit in 64 bits; int keys "
+                                 f"must lie in [-2**63, 2**63)")
             items.append([key if isinstance(key, str) else int(key),
                           _encode(item, join_path(path, key), arrays, depth + 1, active)])
         return {"t": "dict", "items": items}
@@ -187,7 +210,7 @@ def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int
     state = value.state_dict()
     if not isinstance(state, dict):
         raise TypeError(f"{path}: state_dict() returned {type(state).__qualname__}, not a dict")
-    return {"t": "state", "value": _encode_container(state, path, arrays, depth, active)}
+    return {"t": "state", "value": _encode_container(state, path, arrays, depth + 1, active)}
 
 
 def decode_scalar(node: dict[str, Any]) -> Any:
@@ -198,7 +221,11 @@ def decode_scalar(node: dict[str, Any]) -> Any:
     if kind in ("bool", "int", "str"):
         return node["value"]
     if kind == "float":
-        return float.fromhex(node["value"])
+        text = node["value"]
+        value = float.fromhex(text)
+        if value.hex() != text:  # only float.hex()'s own spelling, e.g. no "1.5" or "infinity"
+            raise ValueError(f"float {text[:40]!r} is not written as float.hex() writes it")
+        return value
     if kind == "bytes":
         return base64.b64decode(node["value"], validate=True)
     if kind == "scalar":
@@ -206,8 +233,18 @@ def decode_scalar(node: dict[str, Any]) -> Any:
         raw = base64.b64decode(node["value"], validate=True)
         if len(raw) != dtype.itemsize:
             raise ValueError(f"scalar of dtype {node['dtype']} has {len(raw)} bytes")
-        return np.frombuffer(raw, dtype=dtype)[0]
+        array = np.frombuffer(raw, dtype=dtype)
+        check_code_points(array)
+        return array[0]
     raise ValueError(f"unknown node type {kind!r}")
+
+
+def check_code_points(array: np.ndarray) -> None:
+    """Reject a ``U`` array holding a code point above U+10FFFF (numpy cannot read it back)."""
+    if array.dtype.kind == "U" and array.size:
+        codes = array.view(array.dtype.byteorder.replace("|", "=") + "u4")
+        if int(codes.max()) > 0x10FFFF:
+            raise ValueError("a string holds a code point above U+10FFFF")
 
 
 def node_to_value(node: dict[str, Any], array_at: Callable[[int], np.ndarray]) -> Any:

@@ -99,8 +99,13 @@ def _copy_all(jobs: list[tuple[np.ndarray, Any]]) -> None:
 
 
 async def take_snapshot(values: dict[str, Any], save_counter: int, pool: StagingPool,
-                        options: CheckpointOptions) -> Snapshot:
+                        options: CheckpointOptions,
+                        stage: Callable[[list[_tree.ArrayLeaf]], list[bool]] | None = None
+                        ) -> Snapshot:
     """Copy the tracked values into staging memory; afterwards the caller may change them.
+
+    ``stage`` picks the arrays this process writes (several processes share replicated
+    ones); the others are recorded but not copied (their arena offset is -1).
 
     Cancellation: the staging memory is returned and nothing else happened (no trace).
     """
@@ -112,6 +117,10 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
         _renumber(node, len(leaves))
         nodes[name] = node
         leaves.extend(found)
+    all_leaves = leaves
+    if stage is not None:
+        keep = stage(leaves)
+        leaves = [leaf for leaf, k in zip(leaves, keep) if k]
     offsets, total = _layout(leaves)
     budget = options.staging_budget_bytes or 2 * capacity_for(total)
     arena = await pool.acquire(total, budget=budget, page_lock=options.page_lock) if leaves else None
@@ -138,7 +147,8 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
         if arena is not None:
             pool.release(arena)
         raise
-    arrays = [(leaf.path, leaf.dtype, leaf.shape, off) for leaf, off in zip(leaves, offsets)]
+    where = {id(leaf): off for leaf, off in zip(leaves, offsets)}
+    arrays = [(leaf.path, leaf.dtype, leaf.shape, where.get(id(leaf), -1)) for leaf in all_leaves]
     return Snapshot(save_counter, nodes, arrays, arena, pool, sum(a.nbytes for a in leaves),
                     started, time.perf_counter() - started,
                     arena.page_locked if arena is not None else options.page_lock)
@@ -170,6 +180,8 @@ def _tasks(snap: Snapshot, chunk_bytes: int) -> list[_Task]:
     tasks = []
     assert snap.arena is not None or not snap.arrays
     for i, (_, dtype, shape, offset) in enumerate(snap.arrays):
+        if offset < 0:
+            continue  # written by another process
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
         for start in range(0, nbytes, step):
@@ -344,16 +356,21 @@ def _prepare(path: str, tmp: str) -> None:
     _fs.mkdir(tmp)
 
 
-def _manifest(snap: Snapshot, results: list[tuple[int, Chunk] | None]) -> bytes:
+def array_table(snap: Snapshot, results: list[tuple[int, Chunk] | None]
+                ) -> list[dict[str, Any]]:
+    """The manifest's ``arrays`` entries; ``chunks`` is None for arrays not written here."""
     per_array: list[list[Chunk]] = [[] for _ in snap.arrays]
     for item in results:
         if item is None:
             raise SaveError("internal error: a chunk was not written")
         per_array[item[0]].append(item[1])
-    arrays = [{"path": p, "dtype": _tree.dtype_to_str(dt, p), "shape": list(shape),
-               "chunks": [c.to_json() for c in chunks]}
-              for (p, dt, shape, _), chunks in zip(snap.arrays, per_array)]
-    return encode_manifest(snap.save_counter, snap.values, arrays)
+    return [{"path": p, "dtype": _tree.dtype_to_str(dt, p), "shape": list(shape),
+             "chunks": [c.to_json() for c in chunks] if offset >= 0 else None}
+            for (p, dt, shape, offset), chunks in zip(snap.arrays, per_array)]
+
+
+def _manifest(snap: Snapshot, results: list[tuple[int, Chunk] | None]) -> bytes:
+    return encode_manifest(snap.save_counter, snap.values, array_table(snap, results))
 
 
 def _describe(exc: BaseException, path: str, phase: str) -> str:

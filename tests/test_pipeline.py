@@ -83,7 +83,9 @@ def test_options_are_validated_with_field_names():
                           ({"fsync": "yes"}, "fsync"),
                           ({"staging_budget_bytes": 0}, "staging_budget_bytes"),
                           ({"experimental_io_device": "/gpu:0"}, "experimental_io_device"),
-                          ({"experimental_io_device": -1}, "experimental_io_device")]:
+                          ({"experimental_io_device": -1}, "experimental_io_device"),
+                          ({"coordination_timeout": 0}, "coordination_timeout"),
+                          ({"coordination_timeout": -1.0}, "coordination_timeout")]:
         with pytest.raises(ValueError, match=field):
             ac.CheckpointOptions(**kwargs)
     with pytest.raises(TypeError):

@@ -1,0 +1,304 @@
+"""Many processes, one checkpoint: coordination through ``torch.distributed``'s store.
+
+Every rank writes its own shard (``shard-<rank>.bin``) into one temporary directory; rank 0
+gathers every rank's chunk lists and trees, writes the one manifest and commits exactly as a
+single process does. Replicated keys (``Checkpoint(replicated=[globs])``) are written once,
+each by one rank: replicated arrays are assigned, largest first, to the rank with the fewest
+bytes so far (ties to the lowest rank), so the write work is spread over the ranks.
+
+Coordination never issues collectives on the training's process group: it only uses the
+key-value store behind it (``set`` / ``wait`` / ``get``, thread-safe, called from worker
+threads), so a background save cannot deadlock or reorder against the training's own
+collectives. Every wait is bounded by ``CheckpointOptions.coordination_timeout``; a timeout
+names each rank that did not arrive.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import anyio
+
+from ._errors import SaveError
+
+__all__ = ["Coordinator", "compile_globs", "assign_owners", "assemble"]
+
+
+def compile_globs(patterns: list[str] | tuple[str, ...]) -> Callable[[str], bool]:
+    """Key-path globs: ``*`` and ``?`` stay within one segment, ``**`` spans any number
+    (including none: ``model/**`` matches ``model`` itself)."""
+    regexes = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"replicated patterns must be non-empty strings, got {pattern!r}")
+        parts = []
+        for i, segment in enumerate(pattern.split("/")):
+            if segment == "**":
+                parts.append("(?:/.*)?" if i else "(?:.*)")
+                continue
+            text = "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
+                           for c in segment)
+            parts.append(("/" if i else "") + text)
+        regexes.append(re.compile("".join(parts) + r"\Z"))
+    return lambda path: any(r.match(path) for r in regexes)
+
+
+def assign_owners(sizes: list[tuple[str, int]], world: int) -> dict[str, int]:
+    """Which rank writes each replicated array (same answer on every rank)."""
+    loads = [0] * world
+    owners = {}
+    for path, nbytes in sorted(sizes, key=lambda item: (-item[1], item[0])):
+        rank = loads.index(min(loads))
+        owners[path] = rank
+        loads[rank] += nbytes
+    return owners
+
+
+class CoordinationError(SaveError):
+    """Ranks did not meet within ``coordination_timeout`` (the message names them)."""
+
+
+@dataclass
+class Coordinator:
+    """The ranks of one process group, and the store they meet in."""
+
+    rank: int
+    world: int
+    store: Any
+    timeout: float
+    counter: list[int]
+
+    @classmethod
+    def current(cls, process_group: Any, timeout: float, counter: list[int]
+                ) -> Coordinator | None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return None
+        world = dist.get_world_size(process_group)
+        if world <= 1:
+            return None
+        from torch.distributed import distributed_c10d as c10d
+        store = c10d._get_default_store()
+        return cls(dist.get_rank(process_group), world, store, timeout, counter)
+
+    def next_key(self) -> str:
+        """A namespace for the next collective save; every rank must call in the same order."""
+        self.counter[0] += 1
+        return f"asyncckpt/{self.counter[0]}"
+
+    async def put(self, key: str, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        await anyio.to_thread.run_sync(self.store.set, key, data)
+
+    async def get(self, key: str, ranks: list[int], what: str) -> Any:
+        """Wait for ``key`` (posted by one of ``ranks``) and decode it."""
+        await self.wait([key], ranks, what)
+        return json.loads(await anyio.to_thread.run_sync(self.store.get, key))
+
+    async def wait(self, keys: list[str], ranks: list[int], what: str) -> None:
+        def waiting() -> None:
+            self.store.wait(keys, datetime.timedelta(seconds=self.timeout))
+        try:
+            await anyio.to_thread.run_sync(waiting)
+        except RuntimeError as exc:
+            missing = [r for k, r in zip(keys, ranks)
+                       if not self.store.check([k])]
+            names = ", ".join(f"rank {r}" for r in missing) or "a rank"
+            raise CoordinationError(
+                f"{names} did not {what} within coordination_timeout={self.timeout} s "
+                f"(this is rank {self.rank}); every rank must make the same checkpoint calls "
+                f"in the same order, and a rank that died cannot take part") from exc
+
+    async def gather_to_zero(self, key: str, payload: Any, what: str) -> list[Any] | None:
+        await self.put(f"{key}/r{self.rank}", payload)
+        if self.rank != 0:
+            return None
+        keys = [f"{key}/r{r}" for r in range(self.world)]
+        await self.wait(keys, list(range(self.world)), what)
+        return [json.loads(await anyio.to_thread.run_sync(self.store.get, k)) for k in keys]
+
+
+def _renumber(node: dict[str, Any], mapping: dict[int, int]) -> dict[str, Any]:
+    kind = node["t"]
+    if kind == "array":
+        return {"t": "array", "index": mapping[node["index"]]}
+    if kind == "dict":
+        return {"t": "dict", "items": [[k, _renumber(c, mapping)] for k, c in node["items"]]}
+    if kind in ("list", "tuple"):
+        return {"t": kind, "items": [_renumber(c, mapping) for c in node["items"]]}
+    if kind == "state":
+        return {"t": "state", "value": _renumber(node["value"], mapping)}
+    return node
+
+
+def assemble(reports: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Merge every rank's report into one array table and per-rank trees.
+
+    A report is ``{"values": {name: node}, "arrays": [{"path", "dtype", "shape", "chunks"}]}``
+    with ``chunks`` None for a replicated array another rank wrote.
+    """
+    arrays: list[dict[str, Any]] = []
+    replicated: dict[str, int] = {}
+    for report in reports:  # written arrays first, so a replicated path has its chunks
+        for spec in report["arrays"]:
+            if spec["chunks"] is not None and spec.get("replicated"):
+                replicated[spec["path"]] = len(arrays)
+                arrays.append({k: spec[k] for k in ("path", "dtype", "shape", "chunks")})
+    ranks = []
+    for rank, report in enumerate(reports):
+        mapping = {}
+        for local, spec in enumerate(report["arrays"]):
+            if spec.get("replicated"):
+                if spec["path"] not in replicated:
+                    raise SaveError(f"replicated array {spec['path']} was written by no rank "
+                                    f"(rank {rank} expected another rank to write it)")
+                mapping[local] = replicated[spec["path"]]
+            else:
+                mapping[local] = len(arrays)
+                arrays.append({k: spec[k] for k in ("path", "dtype", "shape", "chunks")})
+        ranks.append({name: _renumber(node, mapping) for name, node in report["values"].items()})
+    return arrays, ranks
+
+
+Commit = Callable[[str], Awaitable[Any]]
+
+
+def shard_for(rank: int) -> str:
+    return f"shard-r{rank:05d}.bin"
+
+
+async def write_collective(coord: Coordinator, snap: Any, path: str, options: Any,
+                           workers: Any, disk: Any, replicated: Callable[[str], bool],
+                           globs: list[str], commit: Commit) -> tuple[Any, Any]:
+    """Every rank writes its shard into rank 0's temporary directory; rank 0 writes the one
+    manifest and runs ``commit(temporary directory)``; every rank gets its result.
+
+    Returns ``(metrics, commit result)``. Raises ``SaveError`` on every rank when any rank
+    failed (naming it), and removes the temporary directory (rank 0).
+
+    Cancellation: shielded by the caller (a collective save cannot be abandoned by one rank).
+    """
+    from . import _commit, _writer
+    from ._format import encode_manifest
+
+    key = coord.next_key()
+    tmp = None
+    stored = 0
+    own_error = None
+    report = None
+    try:
+        if coord.rank == 0:
+            tmp = _commit.temp_dir_for(path)
+            await anyio.to_thread.run_sync(_writer._prepare, path, tmp)
+            await coord.put(f"{key}/tmp", {"tmp": tmp, "path": path})
+        else:
+            info = await coord.get(f"{key}/tmp", [0], "start the save")
+            tmp = info["tmp"]
+            if info["path"] != path:
+                raise SaveError(f"rank 0 is saving {info['path']} while rank {coord.rank} is "
+                                f"saving {path}: every rank must make the same calls in order")
+        _, results, stored = await _writer.write_shard(snap, tmp, shard_for(coord.rank),
+                                                        options, workers, disk)
+        table = _writer.array_table(snap, results)
+        for entry in table:
+            entry["replicated"] = replicated(entry["path"])
+        report = {"values": snap.values, "arrays": table}
+    except CoordinationError:
+        raise
+    except Exception as exc:
+        own_error = f"{type(exc).__name__}: {exc}"
+    finally:
+        snap.release()
+    payload = {"path": path, "error": own_error, "report": report}
+    if coord.rank == 0:
+        assert tmp is not None
+        try:
+            reports = await coord.gather_to_zero(f"{key}/done", payload,
+                                                 "finish writing its shard")
+            assert reports is not None
+            failed = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
+            failed += [f"rank {r} saved {rep['path']} instead of {path}"
+                       for r, rep in enumerate(reports) if rep["path"] != path]
+            if failed:
+                raise SaveError(f"saving {path} failed on {'; '.join(failed)}; nothing was "
+                                f"committed")
+            arrays, ranks = assemble([rep["report"] for rep in reports])
+            manifest = encode_manifest(snap.save_counter, {}, arrays, ranks=ranks,
+                                       replicated=list(globs))
+            await _commit.seal(tmp, manifest, sync=options.fsync)
+            extra = await commit(tmp)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_commit.discard, tmp)
+                await coord.put(f"{key}/result", {"ok": False, "error": str(exc)})
+            raise
+        await coord.put(f"{key}/result", {"ok": True, "extra": extra})
+    else:
+        await coord.gather_to_zero(f"{key}/done", payload, "finish writing its shard")
+        result = await coord.get(f"{key}/result", [0], "commit the checkpoint")
+        if not result["ok"]:
+            raise SaveError(result["error"])
+        if own_error:
+            raise SaveError(own_error)
+        extra = result["extra"]
+    return stored, extra
+
+
+def prune(node: dict[str, Any], path: str, keep: Callable[[str], bool]
+          ) -> dict[str, Any] | None:
+    """The part of a tree whose leaves' key paths ``keep`` accepts (None if nothing).
+
+    Dicts drop entries; a list or tuple with any kept element keeps its length, the other
+    elements becoming None.
+    """
+    from ._tree import join_path
+    kind = node["t"]
+    if kind == "state":
+        inner = prune(node["value"], path, keep)
+        return None if inner is None else {"t": "state", "value": inner}
+    if kind == "dict":
+        items = []
+        for key, child in node["items"]:
+            kept = prune(child, join_path(path, key), keep)
+            if kept is not None:
+                items.append([key, kept])
+        if items or (not node["items"] and keep(path)):
+            return {"t": "dict", "items": items}
+        return None
+    if kind in ("list", "tuple"):
+        kept_items = [prune(child, join_path(path, i), keep)
+                      for i, child in enumerate(node["items"])]
+        if any(k is not None for k in kept_items) or (not node["items"] and keep(path)):
+            return {"t": kind, "items": [k if k is not None else {"t": "none"}
+                                         for k in kept_items]}
+        return None
+    return node if keep(path) else None
+
+
+def view(manifest: Any, rank: int | None) -> dict[str, Any]:
+    """Tracked values seen by one rank (``rank``), or the replicated part (``None``)."""
+    if rank is not None:
+        return manifest.ranks[rank]
+    keep = compile_globs(manifest.replicated)
+    out = {}
+    for name, node in manifest.ranks[0].items():
+        kept = prune(node, name, keep)
+        if kept is not None:
+            out[name] = kept
+    return out
+
+
+def local_view(manifest: Any, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s own (not replicated) values."""
+    shared = compile_globs(manifest.replicated)
+    out = {}
+    for name, node in manifest.ranks[rank].items():
+        kept = prune(node, name, lambda p: not shared(p))
+        if kept is not None:
+            out[name] = kept
+    return out

@@ -1,0 +1,130 @@
+"""One rank of a torch.distributed (gloo) scenario, run by tests/test_distributed.py.
+
+usage: _dist_child.py SCENARIO RANK WORLD DIRECTORY INIT_FILE
+Prints one JSON line with what the test checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import anyio
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import asyncckpt as ac
+from asyncckpt import _fs
+
+scenario, rank, world, directory, init = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=60))
+OPTS = ac.CheckpointOptions(coordination_timeout=8.0)
+
+
+def model():
+    rng = np.random.default_rng(0)  # identical on every rank: replicated
+    return {"w": rng.standard_normal((256, 256), dtype=np.float32),
+            "layers": [rng.standard_normal(1000, dtype=np.float32) for _ in range(5)]}
+
+
+def local(step):
+    # rank-local state (ZeRO shard, RNG state, ...): different on every rank
+    return {"m": np.full(20000, rank * 100 + step, dtype=np.float32), "rank": rank,
+            "t": torch.full((10,), float(rank))}
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+async def roundtrip():
+    step = np.array(0)
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS) as mgr:
+        for i in (1, 2, 3):
+            step[...] = i
+            ckpt.optimizer = local(i)
+            handle = await mgr.start_save()
+            await handle.wait()
+        latest, kept, stored = mgr.latest_checkpoint, mgr.checkpoints, handle.metrics.stored_bytes
+    saved_m = ckpt.optimizer["m"].copy()
+    m = ckpt.optimizer["m"]
+    m[:] = -1
+    ckpt.model["w"][:] = 0
+    step[...] = 0
+    fresh = ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS)
+    restored = await fresh.restore_or_initialize()
+    emit(latest=latest, kept=kept, stored=stored, restored=restored,
+         same_m=bool(np.array_equal(m, saved_m)) and ckpt.optimizer["m"] is m,
+         w_ok=bool(np.array_equal(ckpt.model["w"], model()["w"])), step=int(step),
+         rank_value=ckpt.optimizer["rank"], tensor=float(ckpt.optimizer["t"][0]))
+
+
+async def wrong_order():
+    ckpt = ac.Checkpoint(model=model(), replicated=["model/**"])
+    path = os.path.join(directory, "a" if rank == 0 else "b")
+    try:
+        await ckpt.write(path, options=OPTS)
+        emit(error=None)
+    except ac.SaveError as exc:
+        emit(error=str(exc))
+
+
+async def rank_fails():
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS) as mgr:
+        first = await mgr.save()
+        if rank == 1:
+            def eio(fd):
+                raise OSError(5, "Input/output error")
+            _fs.fsync = eio
+        try:
+            await mgr.save()
+            error = None
+        except ac.SaveError as exc:
+            error = str(exc)
+        latest = mgr.latest_checkpoint
+    emit(first=first, latest=latest, error=error)
+
+
+async def rank_dies():
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS) as mgr:
+        first = await mgr.save()
+        if rank == 1:
+            real = _fs.open_new
+            def die(path):
+                if "shard" in path:
+                    os._exit(9)
+                return real(path)
+            _fs.open_new = die
+        try:
+            await mgr.save()
+            error = None
+        except ac.SaveError as exc:
+            error = str(exc)
+        latest = mgr.latest_checkpoint
+    emit(first=first, latest=latest, error=error, entries=sorted(os.listdir(directory)))
+
+
+def sync_manager():
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
+    with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
+        mgr.start_save()
+        ckpt.optimizer = local(5)
+        path = mgr.save()
+        latest = mgr.latest_checkpoint
+    emit(path=path, latest=latest)
+
+
+if scenario == "sync":
+    sync_manager()
+else:
+    anyio.run({"roundtrip": roundtrip, "wrong_order": wrong_order, "rank_fails": rank_fails,
+               "rank_dies": rank_dies}[scenario], backend="asyncio")
+dist.destroy_process_group()

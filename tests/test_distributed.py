@@ -1,0 +1,113 @@
+"""Several processes (torch.distributed, gloo on CPU), one checkpoint, one commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import asyncckpt as ac
+
+pytest.importorskip("torch.distributed")
+CHILD = os.path.join(os.path.dirname(__file__), "_dist_child.py")
+
+
+def run_ranks(scenario: str, world: int, tmp_path) -> list[dict]:
+    directory = tmp_path / "ckpts"
+    directory.mkdir(exist_ok=True)
+    init = tmp_path / f"init-{scenario}"
+    procs = [subprocess.Popen([sys.executable, CHILD, scenario, str(r), str(world),
+                               str(directory), str(init)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    results = []
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=180)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        results.append({"rc": proc.returncode, "err": err[-2000:],
+                        **(json.loads(lines[-1]) if lines else {})})
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+async def test_rank_local_and_replicated_round_trip(tmp_path, world):
+    results = run_ranks("roundtrip", world, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    latest = results[0]["latest"]
+    assert latest.endswith("ckpt-3") and {r["latest"] for r in results} == {latest}
+    assert {tuple(r["kept"]) for r in results} == {tuple(results[0]["kept"])}
+    for rank, r in enumerate(results):
+        assert r["restored"] == latest and r["same_m"] and r["w_ok"] and r["step"] == 3
+        assert r["rank_value"] == rank and r["tensor"] == float(rank)
+    # Replicated bytes are written once, spread over the ranks.
+    files = os.listdir(latest)
+    shard_bytes = sum(os.path.getsize(os.path.join(latest, f)) for f in files if "shard" in f)
+    model_bytes = (256 * 256 + 5 * 1000) * 4
+    local_bytes = world * (20000 * 4 + 10 * 4)
+    assert shard_bytes <= model_bytes + local_bytes + 4096
+    assert len([f for f in files if "shard" in f]) == world
+    # One plain process sees the replicated values once and each rank's own under rank/<r>.
+    tree = await ac.load(latest)
+    assert tree["model"]["w"].shape == (256, 256) and len(tree["model"]["layers"]) == 5
+    for rank in range(world):
+        assert tree[f"rank/{rank}"]["optimizer"]["m"][0] == rank * 100 + 3
+        assert tree[f"rank/{rank}"]["optimizer"]["rank"] == rank
+    assert "optimizer" not in tree and tree["save_counter"] == 3
+    # ... and can restore just the replicated values, without torch.distributed.
+    target = {"w": np.zeros((256, 256), np.float32),
+              "layers": [np.zeros(1000, np.float32) for _ in range(5)]}
+    status = await ac.Checkpoint(model=target, optimizer={}).restore(latest)
+    status.expect_partial()
+    assert np.array_equal(target["w"], tree["model"]["w"])
+    assert "optimizer" in status.missing_keys
+    assert ac.latest_checkpoint(tmp_path / "ckpts") == latest
+
+
+def test_ranks_calling_in_a_different_order_get_a_clear_error(tmp_path):
+    results = run_ranks("wrong_order", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    assert all(r["error"] for r in results)
+    assert "rank 1" in results[0]["error"] and "same calls" in results[1]["error"]
+    assert sorted(os.listdir(tmp_path / "ckpts")) == []
+
+
+def test_a_failing_rank_fails_the_save_everywhere(tmp_path):
+    results = run_ranks("rank_fails", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    for r in results:
+        assert r["error"] and "rank 1" in r["error"]
+        assert r["latest"] == r["first"]
+    assert ac.latest_checkpoint(tmp_path / "ckpts") == results[0]["first"]
+    assert [e for e in os.listdir(tmp_path / "ckpts") if "asyncckpt-tmp" in e] == []
+
+
+def test_a_rank_killed_mid_save_commits_nothing(tmp_path):
+    results = run_ranks("rank_dies", 2, tmp_path)
+    assert results[1]["rc"] == 9
+    survivor = results[0]
+    assert survivor["rc"] == 0, survivor["err"]
+    assert "rank 1" in survivor["error"] and "coordination_timeout" in survivor["error"]
+    assert survivor["latest"] == survivor["first"]
+    assert ac.latest_checkpoint(tmp_path / "ckpts") == survivor["first"]
+    assert not any("asyncckpt-tmp" in e for e in os.listdir(tmp_path / "ckpts"))
+
+
+def test_sync_manager_under_two_ranks(tmp_path):
+    results = run_ranks("sync", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    assert results[0]["path"] == results[1]["path"] == results[0]["latest"]
+    tree = ac.latest_checkpoint(tmp_path / "ckpts")
+    assert tree == results[0]["path"]
+
+
+def test_replicated_globs():
+    from asyncckpt._dist import assign_owners, compile_globs
+    match = compile_globs(["model/**", "opt/*/lr", "x?"])
+    assert match("model") and match("model/a/b/c") and match("opt/0/lr") and match("xy")
+    assert not match("models/a") and not match("opt/0/1/lr") and not match("xyz")
+    owners = assign_owners([("a", 100), ("b", 60), ("c", 50), ("d", 10)], 2)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
