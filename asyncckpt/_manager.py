@@ -51,7 +51,17 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
     if state is None or not state.model_checkpoint_path:
         return None
     path = _directory.resolve(directory, state.model_checkpoint_path)
+    _recover(path)
     return path if _fs.is_dir(path) else None
+
+
+def _recover(path: str) -> None:
+    """Finish a replacement a crash interrupted (the fallback without RENAME_EXCHANGE leaves
+    the complete old checkpoint under an ``-old-`` name for an instant): put it back."""
+    try:
+        _commit.recover_replaced(path)
+    except OSError as exc:
+        log.warning("asyncckpt: could not put back the checkpoint replaced at %s (%s)", path, exc)
 
 
 async def record_plain_save(path: str, *, sync: bool) -> None:
@@ -371,6 +381,7 @@ class CheckpointManager:
         """
         latest = self._managed.latest
         if latest is not None:
+            await anyio.to_thread.run_sync(_recover, latest)
             await self._checkpoint.restore(latest)
             if self._interval is not None:
                 self._last_step = _evaluate(self._step_counter, "step_counter")

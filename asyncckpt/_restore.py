@@ -199,6 +199,9 @@ def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _
             dest = np.empty(spec.shape, spec.dtype)
             plan.after_read.append(lambda: _torch.copy_to_device(target, dest))
     elif ctx.torch:
+        if not _torch.can_hold(spec.dtype):
+            raise MismatchError(f"{path}: the checkpoint has dtype {spec.dtype}, which a torch "
+                                f"tensor cannot hold; restore it into a numpy array instead")
         result, dest = _torch.fresh_tensor(spec.shape, spec.dtype)
     else:
         result = dest = np.empty(spec.shape, spec.dtype)

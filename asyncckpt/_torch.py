@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_tensor", "is_torch_object", "host_view", "numpy_dtype", "fresh_tensor",
+__all__ = ["is_tensor", "is_torch_object", "host_view", "numpy_dtype", "can_hold", "fresh_tensor",
            "copy_to_device", "register_host_memory", "cuda_snapshot"]
 
 _BITS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
@@ -74,6 +74,17 @@ def host_view(tensor: Any, path: str) -> np.ndarray:
     except (TypeError, RuntimeError) as exc:
         raise TypeError(f"{path}: cannot save a tensor of dtype {t.dtype} "
                         f"({exc}); convert it first") from exc
+
+
+def can_hold(dtype: np.dtype) -> bool:
+    """Whether a torch tensor can hold this dtype's bits as they are (native byte order)."""
+    if dtype.name in _BITS:
+        return True
+    if dtype.kind not in "biufc" or not dtype.isnative:
+        return False
+    torch = _torch()
+    name = "bool" if dtype == np.dtype(bool) else dtype.name
+    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def fresh_tensor(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray]:

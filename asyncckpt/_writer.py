@@ -342,6 +342,21 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
         chunks=len(tasks), compressed_chunks=compressed), path if publish else tmp
 
 
+def _make_parents(directory: str) -> None:
+    """Create missing directories, each made durable in its own parent (a first save's new
+    directory must survive a power loss along with the checkpoint in it)."""
+    missing = []
+    while directory and not _fs.is_dir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for new in reversed(missing):
+        try:
+            _fs.mkdir(new)
+        except FileExistsError:
+            continue
+        _fs.fsync_dir(os.path.dirname(new) or ".")
+
+
 def seconds_since(started: float) -> float:
     """Seconds since a ``Snapshot.started`` reading (the manager keeps no clock of its own,
     so tests can mock its ``time.time`` as TensorFlow's tests do)."""
@@ -351,7 +366,7 @@ def seconds_since(started: float) -> float:
 def _prepare(path: str, tmp: str) -> None:
     parent = os.path.dirname(path)
     if parent:
-        _fs.makedirs(parent)
+        _make_parents(parent)
     _commit.recover_replaced(path)
     _fs.mkdir(tmp)
 
