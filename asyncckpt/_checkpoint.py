@@ -10,7 +10,7 @@ import anyio
 
 from . import _commit, _dist, _reader, _tree, _writer
 from ._codec import DiskModel
-from ._errors import IncompleteRestoreError
+from ._errors import IncompleteRestoreError, RestoreError
 from ._options import CheckpointOptions, SaveMetrics
 from ._restore import plan_restore
 from ._staging import StagingPool
@@ -271,7 +271,13 @@ async def load(path: str | os.PathLike[str],
     directory = os.fspath(path)
     manifest = await _reader.read_manifest(directory)
     specs = list(manifest.arrays)
-    arrays = [_empty(spec) for spec in specs]
+    try:
+        arrays = [_empty(spec) for spec in specs]
+    except MemoryError as exc:
+        need = sum(spec.nbytes for spec in specs)
+        raise RestoreError(f"loading {directory} needs {need} bytes of memory for its arrays, "
+                           f"more than this process can allocate; restore into existing "
+                           f"arrays with Checkpoint.restore, or free memory") from exc
     await _reader.read_arrays(directory, specs, arrays, threads=options.io_threads)
     if manifest.ranks is None:
         tree: dict[str, Any] = {name: _tree.node_to_value(node, arrays.__getitem__)
