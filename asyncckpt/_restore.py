@@ -123,10 +123,11 @@ def _plan_dict(node: dict[str, Any], target: dict[Any, Any], path: str, plan: Pl
                ctx: _Ctx) -> Finish:
     children: list[tuple[Any, Finish]] = []
     seen = set()
+    present = {(type(k), k) for k in target}  # 1 and "1" (and True) are different keys
     for key, child in node["items"]:
         seen.add((type(key), key))
         child_path = _tree.join_path(path, key)
-        if key in target and type(_find_key(target, key)) is type(key):
+        if (type(key), key) in present:
             children.append((key, _plan(child, target[key], child_path, plan, ctx)))
         elif ctx.fill:
             children.append((key, _fresh(child, child_path, plan, ctx)))
@@ -140,13 +141,6 @@ def _plan_dict(node: dict[str, Any], target: dict[Any, Any], path: str, plan: Pl
             target[key] = fn()
         return target
     return finish
-
-
-def _find_key(target: dict[Any, Any], key: Any) -> Any:
-    for k in target:
-        if k == key and type(k) is type(key):
-            return k
-    return None
 
 
 def _plan_sequence(node: dict[str, Any], target: list[Any] | tuple[Any, ...], path: str,

@@ -6,6 +6,7 @@ See docs/format.md ("Nodes", "Key paths") for the encoding. No I/O here.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,7 +57,7 @@ class ArrayLeaf:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @classmethod
     def of(cls, path: str, array: np.ndarray) -> ArrayLeaf:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import queue
 import threading
@@ -182,7 +183,7 @@ def _tasks(snap: Snapshot, chunk_bytes: int) -> list[_Task]:
     for i, (_, dtype, shape, offset) in enumerate(snap.arrays):
         if offset < 0:
             continue  # written by another process
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
         for start in range(0, nbytes, step):
             raw = snap.arena.view(offset + start, min(step, nbytes - start))  # type: ignore[union-attr]
