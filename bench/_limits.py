@@ -13,6 +13,9 @@ C-contiguous) and cleans up the files it writes.
   zstd_throughput     python-zstandard level-N compress / decompress of independent 4 MiB
                       frames sampled from the state, per thread and with several threads.
   drop_page_cache     drop the (clean) cached pages of a file or of every file under a directory.
+  Floors              the same three measurements one run at a time, on prepared buffers, so a
+                      benchmark can interleave them with the runs it compares (the disk of a VM
+                      drifts by 2x within a minute: a floor taken a minute earlier misleads).
 
 Bandwidths are in bytes per second; the callers print GB/s (1e9 bytes).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +35,7 @@ import numpy as np
 __all__ = [
     "BLOCK", "FRAME", "byte_view", "copy_jobs", "memcpy_seconds", "disk_write_seconds",
     "cold_read_seconds", "sample_frames", "zstd_throughput", "drop_page_cache", "median_time",
+    "Floors", "CpuWatch", "wait_quiet",
 ]
 
 BLOCK = 8 << 20          # write / read block
@@ -113,15 +118,38 @@ def _blocks(arrays: Iterable[np.ndarray], block: int = BLOCK) -> Iterable[memory
             yield memoryview(v[start:start + block])
 
 
-def _write_file(path: str, arrays: Sequence[np.ndarray], *, fsync: bool = True) -> int:
+_WRITEBACK = 64 << 20
+
+
+def _sync_file_range():  # type: ignore[no-untyped-def]
+    import ctypes
+    import ctypes.util
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = getattr(libc, "sync_file_range", None)
+    if fn is None:
+        return None
+    return lambda fd, off, n: fn(ctypes.c_int(fd), ctypes.c_int64(off), ctypes.c_int64(n),
+                                 ctypes.c_uint(2))  # SYNC_FILE_RANGE_WRITE
+
+
+def _write_file(path: str, arrays: Sequence[np.ndarray], *, fsync: bool = True,
+                early_writeback: bool = False) -> int:
+    """Write the arrays' bytes in 8 MiB blocks; ``early_writeback``: also start write-back of
+    every 64 MiB written (``sync_file_range``, as the engine does) before the final fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    written = 0
+    written = flushed = 0
+    sfr = _sync_file_range() if early_writeback else None
     try:
         for view in _blocks(arrays):
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
                 written += n
+            if sfr is not None and written - flushed >= _WRITEBACK:
+                sfr(fd, flushed, written - flushed)
+                flushed = written
         if fsync:
             os.fsync(fd)
     finally:
@@ -295,3 +323,134 @@ def zstd_throughput(frames: Sequence[np.ndarray], *, level: int = 1, threads: in
         d_s = median_time(run(decompress_part), repeats)
     return {"compress_bps": raw / c_s, "decompress_bps": raw / d_s,
             "ratio": sum(len(c) for c in compressed) / raw, "sample_bytes": raw}
+
+
+# --- interleaved floors ------------------------------------------------------------------------
+
+class Floors:
+    """One-shot floor measurements of one state, to interleave with the runs they bound.
+
+    Holds reused, touched copy buffers (the state's size again) and, after
+    :meth:`prepare_read`, a fsynced file of the state's bytes in ``directory``. Every call
+    returns the seconds of one run and appends it to ``self.samples[name]``.
+    Call :meth:`close` to remove the file and free the buffers.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], directory: str) -> None:
+        self.arrays = list(arrays)
+        self.directory = directory
+        self.nbytes = sum(a.nbytes for a in self.arrays)
+        dst = [np.empty_like(a) for a in self.arrays]
+        self._bins = {1: copy_jobs(dst, self.arrays, 1), 2: copy_jobs(dst, self.arrays, 2)}
+        for b in self._bins[2]:
+            _copy_bin(b)                  # touch every destination page once
+        self._pool = ThreadPoolExecutor(2)
+        self._read_path = os.path.join(directory, "floors-read.bin")
+        self._read_buffers = [np.ones(BLOCK, np.uint8) for _ in range(2)]
+        self.samples: dict[str, list[float]] = {}
+
+    def _record(self, name: str, seconds: float) -> float:
+        self.samples.setdefault(name, []).append(seconds)
+        return seconds
+
+    def memcpy(self, threads: int) -> float:
+        bins = self._bins[threads]
+        t0 = time.perf_counter()
+        if threads == 1:
+            _copy_bin(bins[0])
+        else:
+            for f in [self._pool.submit(_copy_bin, b) for b in bins if b]:
+                f.result()
+        return self._record(f"memcpy_{threads}t", time.perf_counter() - t0)
+
+    def write_fsync(self, *, early_writeback: bool = False) -> float:
+        """Plain: 8 MiB ``os.write`` blocks then fsync. ``early_writeback``: plus
+        ``sync_file_range`` every 64 MiB (recorded as ``write_sfr_fsync``)."""
+        path = os.path.join(self.directory, "floors-write.bin")
+        if os.path.exists(path):
+            os.unlink(path)
+        t0 = time.perf_counter()
+        _write_file(path, self.arrays, early_writeback=early_writeback)
+        dt = time.perf_counter() - t0
+        os.unlink(path)
+        return self._record("write_sfr_fsync" if early_writeback else "write_fsync", dt)
+
+    def prepare_read(self) -> None:
+        if not os.path.exists(self._read_path):
+            _write_file(self._read_path, self.arrays)
+
+    def cold_read(self, threads: int) -> float:
+        self.prepare_read()
+        drop_page_cache(self._read_path)
+        t0 = time.perf_counter()
+        _read_file(self._read_path, threads, self._read_buffers[:threads])
+        return self._record(f"cold_read_{threads}t", time.perf_counter() - t0)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        if os.path.exists(self._read_path):
+            os.unlink(self._read_path)
+        self._bins = {}
+
+
+# --- other load on the machine -----------------------------------------------------------------
+
+class CpuWatch:
+    """How much CPU the rest of the machine used while we measured (Linux ``/proc/stat``).
+
+    ``other_cores`` = (busy CPU time of the whole machine - this process's CPU time) / wall
+    time: 0 on a quiet machine; kernel threads that write back our own dirty pages count as
+    "other" too, so a few hundredths are normal during disk work. ``steal_cores``: CPU time the
+    hypervisor gave to other guests. On a 2-core machine, 0.5 other cores means the benchmark
+    ran on contended CPUs and its figures are not to be trusted.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self._stat0 = self._stat()
+        self._own0 = self._own()
+
+    @staticmethod
+    def _stat() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq) / tick, steal / tick
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def result(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._t0
+        stat = self._stat()
+        if stat is None or self._stat0 is None or wall <= 0:
+            return {"other_cores": float("nan"), "steal_cores": float("nan"), "wall_s": wall}
+        busy = stat[0] - self._stat0[0]
+        own = self._own() - self._own0
+        return {"other_cores": max(busy - own, 0.0) / wall,
+                "steal_cores": (stat[1] - self._stat0[1]) / wall, "wall_s": wall}
+
+
+def wait_quiet(max_wait: float = 20.0, *, threshold: float = 0.15, window: float = 1.0) -> float:
+    """Wait (at most ``max_wait`` seconds) until other processes use less than ``threshold``
+    cores over ``window`` seconds; returns the seconds waited (``max_wait`` or more: gave up).
+
+    Does nothing where ``/proc/stat`` is missing.
+    """
+    t0 = time.perf_counter()
+    while True:
+        watch = CpuWatch()
+        time.sleep(window)
+        other = watch.result()["other_cores"]
+        waited = time.perf_counter() - t0
+        if not other >= threshold or waited >= max_wait:   # nan (no /proc/stat) -> quiet
+            return waited
