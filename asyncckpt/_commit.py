@@ -41,13 +41,7 @@ def discard(path: str) -> OSError | None:
 
 def seal_sync(tmp: str, manifest: bytes, sync: bool) -> None:
     """Write and fsync the manifest, then fsync the temporary directory itself."""
-    fd = _fs.open_new(os.path.join(tmp, MANIFEST_NAME))
-    try:
-        _fs.write_all(fd, manifest)
-        if sync:
-            _fs.fsync(fd)
-    finally:
-        _fs.close(fd)
+    _fs.create_file(os.path.join(tmp, MANIFEST_NAME), manifest, sync=sync)
     if sync:
         _fs.fsync_dir(tmp)
 

@@ -135,13 +135,7 @@ def _write_sync(path: str, data: bytes, sync: bool) -> None:
     """Replace ``path`` atomically (temporary file, fsync, rename, directory fsync)."""
     tmp = f"{path}{TMP_MARK}{secrets.token_hex(4)}"
     try:
-        fd = _fs.open_new(tmp)
-        try:
-            _fs.write_all(fd, data)
-            if sync:
-                _fs.fsync(fd)
-        finally:
-            _fs.close(fd)
+        _fs.create_file(tmp, data, sync=sync)
         _fs.replace(tmp, path)
     except BaseException:
         try:

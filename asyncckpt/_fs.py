@@ -20,7 +20,7 @@ import aiofiles
 import anyio
 
 __all__ = [
-    "open_new", "open_read", "write_all", "start_writeback", "fsync", "close", "fsync_dir",
+    "open_new", "open_read", "write_all", "create_file", "start_writeback", "fsync", "close", "fsync_dir",
     "makedirs", "mkdir", "rename", "exchange", "replace", "remove_tree", "unlink", "listdir",
     "exists", "is_dir", "pread_into", "pread", "file_size", "read_small", "write_small",
     "atomic_write", "read_small_sync", "lock", "unlock", "mtime",
@@ -56,6 +56,17 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def create_file(path: str, data: bytes, *, sync: bool) -> None:
+    """Create ``path`` (must not exist) holding ``data``, fsynced when ``sync``."""
+    fd = open_new(path)
+    try:
+        write_all(fd, data)
+        if sync:
+            fsync(fd)
+    finally:
+        close(fd)
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
