@@ -132,12 +132,17 @@ class Checkpoint:
         stage = None
         if coord is not None:
             def stage(leaves: list[Any]) -> list[bool]:
-                shared = [(leaf.path, leaf.nbytes) for leaf in leaves
-                          if self._is_replicated(leaf.path)]
-                owners = _dist.assign_owners(shared, coord.world)
+                shared = [leaf for leaf in leaves if self._is_replicated(leaf.path)]
+                if options.check_replicated:
+                    digests.update(_dist.digests(shared))
+                owners = _dist.assign_owners([(leaf.path, leaf.nbytes) for leaf in shared],
+                                             coord.world)
                 return [owners.get(leaf.path, coord.rank) == coord.rank for leaf in leaves]
-        return await _writer.take_snapshot(self._values, save_counter, self._pool, options,
+        digests: dict[str, str] = {}
+        snap = await _writer.take_snapshot(self._values, save_counter, self._pool, options,
                                            stage)
+        snap.digests = digests
+        return snap
 
     async def _write_collective(self, coord: _dist.Coordinator, snap: _writer.Snapshot,
                                 path: str, options: CheckpointOptions,

@@ -168,6 +168,31 @@ def assemble(reports: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
 Commit = Callable[[str], Awaitable[Any]]
 
 
+def digests(leaves: list[Any]) -> dict[str, str]:
+    """Checksums of replicated arrays (host data; device arrays are fetched), for
+    ``CheckpointOptions(check_replicated=True)``."""
+    import zlib
+
+    import numpy as np
+    out = {}
+    for leaf in leaves:
+        data = leaf.array if leaf.array is not None else np.asarray(
+            leaf.device.detach().cpu().numpy() if hasattr(leaf.device, "detach") else leaf.device)
+        out[leaf.path] = f"{zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8)):08x}"
+    return out
+
+
+def _compare_digests(per_rank: list[dict[str, str]]) -> list[str]:
+    problems = []
+    for path in sorted(set().union(*per_rank)):
+        values = [d.get(path) for d in per_rank]
+        if len(set(values)) > 1:
+            odd = [r for r, v in enumerate(values) if v != values[0]]
+            problems.append(f"{path} on " + ", ".join(f"rank {r}" for r in odd) + " differs from "
+                            f"rank 0")
+    return problems
+
+
 def shard_for(rank: int) -> str:
     return f"shard-r{rank:05d}.bin"
 
@@ -207,7 +232,7 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
         table = _writer.array_table(snap, results)
         for entry in table:
             entry["replicated"] = replicated(entry["path"])
-        report = {"values": snap.values, "arrays": table}
+        report = {"values": snap.values, "arrays": table, "digests": snap.digests or {}}
     except CoordinationError:
         raise
     except Exception as exc:
@@ -227,6 +252,10 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
             if failed:
                 raise SaveError(f"saving {path} failed on {'; '.join(failed)}; nothing was "
                                 f"committed")
+            differ = _compare_digests([rep["report"]["digests"] for rep in reports])
+            if differ:
+                raise SaveError(f"saving {path} failed: replicated values differ between "
+                                f"ranks: {'; '.join(differ)}; nothing was committed")
             arrays, ranks = assemble([rep["report"] for rep in reports])
             manifest = encode_manifest(snap.save_counter, {}, arrays, ranks=ranks,
                                        replicated=list(globs))

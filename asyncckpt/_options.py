@@ -70,6 +70,9 @@ class CheckpointOptions:
         coordination_timeout: with several processes (``torch.distributed``), the most
             seconds a rank waits for the others during a save; the error names each rank
             that did not arrive.
+        check_replicated: debug check that values matched by ``Checkpoint(replicated=...)``
+            really are equal on every rank (each rank checksums them during its snapshot;
+            a mismatch fails the save naming the key and the ranks).
     """
 
     experimental_io_device: str | int | None = None
@@ -84,6 +87,7 @@ class CheckpointOptions:
     staging_budget_bytes: int | None = None
     low_priority_threads: bool = True
     coordination_timeout: float = 600.0
+    check_replicated: bool = False
 
     def __post_init__(self) -> None:
         if (isinstance(self.coordination_timeout, bool)
@@ -104,7 +108,7 @@ class CheckpointOptions:
         if self.staging_budget_bytes is not None:
             _check_int("staging_budget_bytes", self.staging_budget_bytes, 1, 1 << 50)
         for name in ("adaptive_compression", "byte_shuffle", "fsync", "page_lock",
-                     "low_priority_threads"):
+                     "low_priority_threads", "check_replicated"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

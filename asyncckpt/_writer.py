@@ -53,6 +53,7 @@ class Snapshot:
     started: float
     snapshot_seconds: float
     page_locked: bool
+    digests: dict[str, str] | None = None  # replicated key path -> checksum (debug check)
 
     def release(self) -> None:
         if self.arena is not None:

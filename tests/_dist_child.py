@@ -24,6 +24,7 @@ scenario, rank, world, directory, init = sys.argv[1], int(sys.argv[2]), int(sys.
 dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                         timeout=datetime.timedelta(seconds=60))
 OPTS = ac.CheckpointOptions(coordination_timeout=8.0)
+CHECKED = ac.CheckpointOptions(coordination_timeout=8.0, check_replicated=True)
 
 
 def model():
@@ -45,7 +46,7 @@ def emit(**kw):
 async def roundtrip():
     step = np.array(0)
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
-    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS) as mgr:
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=CHECKED) as mgr:
         for i in (1, 2, 3):
             step[...] = i
             ckpt.optimizer = local(i)
@@ -112,6 +113,18 @@ async def rank_dies():
     emit(first=first, latest=latest, error=error, entries=sorted(os.listdir(directory)))
 
 
+async def replicated_differ():
+    values = model()
+    if rank == 1:
+        values["layers"][2][7] += 1.0  # a bug: "replicated" state diverged on rank 1
+    ckpt = ac.Checkpoint(model=values, replicated=["model/**"])
+    try:
+        await ckpt.write(os.path.join(directory, "c"), options=CHECKED)
+        emit(error=None)
+    except ac.SaveError as exc:
+        emit(error=str(exc))
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -126,5 +139,6 @@ if scenario == "sync":
     sync_manager()
 else:
     anyio.run({"roundtrip": roundtrip, "wrong_order": wrong_order, "rank_fails": rank_fails,
-               "rank_dies": rank_dies}[scenario], backend="asyncio")
+               "rank_dies": rank_dies,
+               "replicated_differ": replicated_differ}[scenario], backend="asyncio")
 dist.destroy_process_group()

@@ -111,3 +111,11 @@ def test_replicated_globs():
     assert not match("models/a") and not match("opt/0/1/lr") and not match("xyz")
     owners = assign_owners([("a", 100), ("b", 60), ("c", 50), ("d", 10)], 2)
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
+
+
+def test_check_replicated_catches_ranks_that_differ(tmp_path):
+    results = run_ranks("replicated_differ", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    for r in results:
+        assert r["error"] and "model/layers/2" in r["error"] and "rank 1" in r["error"]
+    assert os.listdir(tmp_path / "ckpts") == []
