@@ -256,9 +256,11 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
             if differ:
                 raise SaveError(f"saving {path} failed: replicated values differ between "
                                 f"ranks: {'; '.join(differ)}; nothing was committed")
-            arrays, ranks = assemble([rep["report"] for rep in reports])
-            manifest = encode_manifest(snap.save_counter, {}, arrays, ranks=ranks,
+            def build() -> bytes:  # off the event loop: JSON of every rank's tree
+                arrays, ranks = assemble([rep["report"] for rep in reports])
+                return encode_manifest(snap.save_counter, {}, arrays, ranks=ranks,
                                        replicated=list(globs))
+            manifest = await anyio.to_thread.run_sync(build)
             await _commit.seal(tmp, manifest, sync=options.fsync)
             extra = await commit(tmp)
         except BaseException as exc:

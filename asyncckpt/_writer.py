@@ -321,7 +321,8 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
         tasks, results, stored = await write_shard(snap, tmp, shard_name(0), options,
                                                    workers, disk)
         phase = "writing the manifest"
-        await _commit.seal(tmp, _manifest(snap, results), sync=options.fsync)
+        manifest = await anyio.to_thread.run_sync(_manifest, snap, results)  # JSON off the loop
+        await _commit.seal(tmp, manifest, sync=options.fsync)
         phase = "publishing"
         if publish:
             await _commit.publish(tmp, path, sync=options.fsync)
