@@ -132,16 +132,21 @@ class Checkpoint:
         stage = None
         if coord is not None:
             def stage(leaves: list[Any]) -> list[bool]:
-                shared = [leaf for leaf in leaves if self._is_replicated(leaf.path)]
-                if options.check_replicated:
-                    digests.update(_dist.digests(shared))
+                shared[:] = [leaf for leaf in leaves if self._is_replicated(leaf.path)]
                 owners = _dist.assign_owners([(leaf.path, leaf.nbytes) for leaf in shared],
                                              coord.world)
                 return [owners.get(leaf.path, coord.rank) == coord.rank for leaf in leaves]
-        digests: dict[str, str] = {}
+        shared: list[Any] = []
         snap = await _writer.take_snapshot(self._values, save_counter, self._pool, options,
                                            stage)
-        snap.digests = digests
+        if shared and options.check_replicated:
+            # Still the blocking part (the caller's arrays are unchanged until we return),
+            # but the checksums run in a worker thread, not on the event loop.
+            try:
+                snap.digests = await anyio.to_thread.run_sync(_dist.digests, shared)
+            except BaseException:
+                snap.release()
+                raise
         return snap
 
     async def _write_collective(self, coord: _dist.Coordinator, snap: _writer.Snapshot,

@@ -20,6 +20,8 @@ __all__ = [
     "ConcurrentWriterError",
     "MismatchError",
     "IncompleteRestoreError",
+    "first_error",
+    "explain",
 ]
 
 
@@ -62,3 +64,11 @@ def first_error(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def explain(exc: BaseException) -> str:
+    """A cause for an error message: strerror, file and errno for OS errors, else repr."""
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where} [errno {exc.errno}]"
+    return repr(exc)

@@ -21,7 +21,7 @@ import anyio
 
 __all__ = [
     "open_new", "open_read", "write_all", "create_file", "start_writeback", "fsync", "close", "fsync_dir",
-    "makedirs", "mkdir", "rename", "exchange", "replace", "remove_tree", "unlink", "listdir",
+    "mkdir", "rename", "exchange", "replace", "remove_tree", "unlink", "listdir",
     "exists", "is_dir", "pread_into", "pread", "file_size", "read_small", "write_small",
     "atomic_write", "read_small_sync", "lock", "unlock", "mtime",
 ]
@@ -94,10 +94,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def makedirs(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
 
 
 def mkdir(path: str) -> None:

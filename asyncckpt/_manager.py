@@ -24,7 +24,7 @@ import anyio
 
 from . import _commit, _directory, _fs, _retention, _writer
 from ._checkpoint import Checkpoint, _options
-from ._errors import ConcurrentWriterError, SaveError, first_error
+from ._errors import ConcurrentWriterError, SaveError, explain, first_error
 from ._handles import SaveHandle, Sequencer
 from ._options import CheckpointOptions
 
@@ -70,13 +70,6 @@ async def record_plain_save(path: str, *, sync: bool) -> None:
     directory = os.path.dirname(path) or "."
     state = _directory.state_for_paths(directory, path, [path], [], 0.0)
     await _directory.write_state(directory, state, sync=sync)
-
-
-def _explain(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror or exc}{where} [errno {exc.errno}]"
-    return repr(exc)
 
 
 class CheckpointManager:
@@ -290,7 +283,7 @@ class CheckpointManager:
             except Exception as exc:
                 cause = first_error(exc)
                 handle._set_error(cause if isinstance(cause, SaveError) else SaveError(
-                    f"committing {handle.path} failed: {_explain(cause)}; nothing was "
+                    f"committing {handle.path} failed: {explain(cause)}; nothing was "
                     f"committed and {self.latest_checkpoint} is still the latest checkpoint"))
                 handle._error.__cause__ = handle._error.__cause__ or cause  # type: ignore
                 if staged is not None:

@@ -64,9 +64,3 @@ class WorkerThreads:
                 await done.wait()
             raise
         return future.result()
-
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None

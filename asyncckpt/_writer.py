@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _commit, _fs, _jax, _torch, _tree
 from ._codec import DiskModel, Encoder
-from ._errors import SaveError, first_error
+from ._errors import SaveError, explain, first_error
 from ._format import Chunk, encode_manifest, shard_name
 from ._options import CheckpointOptions, SaveMetrics
 from ._staging import Arena, StagingPool, capacity_for
@@ -392,9 +392,6 @@ def _manifest(snap: Snapshot, results: list[tuple[int, Chunk] | None]) -> bytes:
 
 
 def _describe(exc: BaseException, path: str, phase: str) -> str:
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return (f"saving {path} failed while {phase}: {exc.strerror or exc}{where} "
-                f"[errno {exc.errno}]; nothing was published and the previous checkpoint is "
-                f"untouched")
-    return f"saving {path} failed while {phase}: {exc!r}; nothing was published"
+    published = ("nothing was published and the previous checkpoint is untouched"
+                 if isinstance(exc, OSError) else "nothing was published")
+    return f"saving {path} failed while {phase}: {explain(exc)}; {published}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sys
 import threading
 import time
 
@@ -166,3 +167,15 @@ async def test_saves_from_asyncio_directly(tmp_path):
     ckpt = ac.Checkpoint(x=np.arange(5))
     path = await asyncio.wait_for(ckpt.write(tmp_path / "c"), 30)
     assert (await ac.load(path))["x"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_background_threads_run_at_the_lowest_priority():
+    from asyncckpt._workers import WorkerThreads
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert await WorkerThreads(low_priority=True).run(priority, on_cancel=lambda: None) == 19
+    assert await WorkerThreads(low_priority=False).run(priority, on_cancel=lambda: None) == \
+        os.getpriority(os.PRIO_PROCESS, 0)
