@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from . import _commit, _dist, _reader, _tree, _writer
+from . import _collective, _commit, _dist, _reader, _transport, _tree, _writer
 from ._codec import DiskModel
 from ._errors import IncompleteRestoreError, RestoreError
 from ._options import CheckpointOptions, SaveMetrics
@@ -71,6 +71,7 @@ class Checkpoint:
         object.__setattr__(self, "_is_replicated", _dist.compile_globs(globs))
         object.__setattr__(self, "_process_group", process_group)
         object.__setattr__(self, "_collective_saves", [0])
+        object.__setattr__(self, "_channels", {})
         object.__setattr__(self, "_values", {})
         object.__setattr__(self, "_save_counter", 0)
         object.__setattr__(self, "_pool", StagingPool())
@@ -122,9 +123,11 @@ class Checkpoint:
             if options.io_rank >= coord.world:
                 raise ValueError(f"experimental_io_device names rank {options.io_rank}, but the "
                                  f"world size is {coord.world}")
-            raise NotImplementedError(
-                "experimental_io_device with several processes (one rank doing all file I/O) "
-                "is not implemented yet; leave it None so every rank writes its own shard")
+            coord.io_rank = options.io_rank
+            timeout = options.coordination_timeout
+            if timeout not in self._channels:  # collective: first use is on every rank alike
+                self._channels[timeout] = _transport.Channel.create(self._process_group, timeout)
+            coord.channel = self._channels[timeout]
         return coord
 
     async def _snapshot(self, save_counter: int, options: CheckpointOptions) -> _writer.Snapshot:
@@ -155,7 +158,7 @@ class Checkpoint:
         """Write with every rank, commit on rank 0 (see ``_dist``). Shielded: one rank
         cannot abandon a collective save halfway."""
         with anyio.CancelScope(shield=True):
-            stored, extra = await _dist.write_collective(
+            stored, extra = await _collective.write_collective(
                 coord, snap, path, options, self._worker_threads(options), self._disk,
                 self._is_replicated, self._replicated_globs, commit)
         metrics = SaveMetrics(raw_bytes=snap.raw_bytes, stored_bytes=stored,
@@ -217,7 +220,7 @@ class Checkpoint:
         object.__setattr__(self, "_save_counter", number)
         from ._manager import record_plain_save  # the state file lives with the manager
         coord = self._coordinator(options)
-        if coord is None or coord.rank == 0:
+        if coord is None or coord.rank == coord.committer:
             with anyio.CancelScope(shield=True):
                 await record_plain_save(path, sync=options.fsync)
         return path
@@ -237,17 +240,36 @@ class Checkpoint:
         if save_path is None:
             return LoadStatus([], [], path=None)
         path = os.fspath(save_path)
-        manifest = _for_this_process(await _reader.read_manifest(path),
-                                     self._coordinator(options))
-        plan = plan_restore(manifest, self._values)
-        await _reader.read_arrays(path, plan.specs, plan.destinations,
-                                  threads=options.io_threads)
+        coord = self._coordinator(options)
+        if coord is not None and coord.io_rank is not None:
+            manifest, plan = await self._restore_through_io_rank(coord, path, options)
+        else:
+            manifest = _for_this_process(await _reader.read_manifest(path), coord)
+            plan = plan_restore(manifest, self._values)
+            await _reader.read_arrays(path, plan.specs, plan.destinations,
+                                      threads=options.io_threads)
         for step in plan.after_read:
             step()
         for name, finish in plan.finishers.items():
             self._values[name] = finish()
         object.__setattr__(self, "_save_counter", manifest.save_counter)
         return LoadStatus(plan.missing, plan.unexpected, path=path)
+
+
+    async def _restore_through_io_rank(self, coord: _dist.Coordinator, path: str,
+                                       options: CheckpointOptions) -> tuple[Any, Any]:
+        """Only the I/O rank reads files; it sends the others what they plan to restore."""
+        key, manifest = await _collective.shared_manifest(coord, path)
+        manifest = _for_this_process(manifest, coord)
+        try:
+            plan = plan_restore(manifest, self._values)
+        except BaseException:
+            await _collective.read_arrays_collective(coord, key, path, manifest, None, [],
+                                                     options.io_threads)
+            raise
+        await _collective.read_arrays_collective(coord, key, path, manifest, plan.specs,
+                                                 plan.destinations, options.io_threads)
+        return manifest, plan
 
 
 def _for_this_process(manifest: Any, coord: _dist.Coordinator | None) -> Any:

@@ -26,7 +26,7 @@ import anyio
 
 from ._errors import SaveError
 
-__all__ = ["Coordinator", "compile_globs", "assign_owners", "assemble"]
+__all__ = ["Coordinator", "CoordinationError", "compile_globs", "assign_owners", "assemble"]
 
 
 def compile_globs(patterns: list[str] | tuple[str, ...]) -> Callable[[str], bool]:
@@ -72,6 +72,17 @@ class Coordinator:
     store: Any
     timeout: float
     counter: list[int]
+    io_rank: int | None = None   # the one rank that touches the filesystem (None: all do)
+    channel: Any = None          # its byte streams (a ``_transport.Channel``) when io_rank is set
+
+    @property
+    def committer(self) -> int:
+        """The rank that writes the manifest, commits and keeps the state file."""
+        return 0 if self.io_rank is None else self.io_rank
+
+    @property
+    def touches_files(self) -> bool:
+        return self.io_rank is None or self.rank == self.io_rank
 
     @classmethod
     def current(cls, process_group: Any, timeout: float, counter: list[int]
@@ -114,9 +125,24 @@ class Coordinator:
                 f"(this is rank {self.rank}); every rank must make the same checkpoint calls "
                 f"in the same order, and a rank that died cannot take part") from exc
 
-    async def gather_to_zero(self, key: str, payload: Any, what: str) -> list[Any] | None:
+    def exchange_sync(self, key: str, payload: Any = None) -> Any:
+        """Blocking: the committer posts ``payload`` under ``key``; every rank returns it."""
+        if self.rank == self.committer:
+            self.store.set(key, json.dumps(payload).encode())
+            return payload
+        try:
+            self.store.wait([key], datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise CoordinationError(
+                f"rank {self.committer} did not answer within coordination_timeout="
+                f"{self.timeout} s (this is rank {self.rank}); every rank must make the same "
+                f"checkpoint calls in the same order") from exc
+        return json.loads(self.store.get(key))
+
+    async def gather(self, key: str, payload: Any, what: str) -> list[Any] | None:
+        """Every rank posts ``payload``; the committer gets them all (others: None)."""
         await self.put(f"{key}/r{self.rank}", payload)
-        if self.rank != 0:
+        if self.rank != self.committer:
             return None
         keys = [f"{key}/r{r}" for r in range(self.world)]
         await self.wait(keys, list(range(self.world)), what)
@@ -182,7 +208,7 @@ def digests(leaves: list[Any]) -> dict[str, str]:
     return out
 
 
-def _compare_digests(per_rank: list[dict[str, str]]) -> list[str]:
+def compare_digests(per_rank: list[dict[str, str]]) -> list[str]:
     problems = []
     for path in sorted(set().union(*per_rank)):
         values = [d.get(path) for d in per_rank]
@@ -195,89 +221,6 @@ def _compare_digests(per_rank: list[dict[str, str]]) -> list[str]:
 
 def shard_for(rank: int) -> str:
     return f"shard-r{rank:05d}.bin"
-
-
-async def write_collective(coord: Coordinator, snap: Any, path: str, options: Any,
-                           workers: Any, disk: Any, replicated: Callable[[str], bool],
-                           globs: list[str], commit: Commit) -> tuple[Any, Any]:
-    """Every rank writes its shard into rank 0's temporary directory; rank 0 writes the one
-    manifest and runs ``commit(temporary directory)``; every rank gets its result.
-
-    Returns ``(metrics, commit result)``. Raises ``SaveError`` on every rank when any rank
-    failed (naming it), and removes the temporary directory (rank 0).
-
-    Cancellation: shielded by the caller (a collective save cannot be abandoned by one rank).
-    """
-    from . import _commit, _writer
-    from ._format import encode_manifest
-
-    key = coord.next_key()
-    tmp = None
-    stored = 0
-    own_error = None
-    report = None
-    try:
-        if coord.rank == 0:
-            tmp = _commit.temp_dir_for(path)
-            await anyio.to_thread.run_sync(_writer._prepare, path, tmp)
-            await coord.put(f"{key}/tmp", {"tmp": tmp, "path": path})
-        else:
-            info = await coord.get(f"{key}/tmp", [0], "start the save")
-            tmp = info["tmp"]
-            if info["path"] != path:
-                raise SaveError(f"rank 0 is saving {info['path']} while rank {coord.rank} is "
-                                f"saving {path}: every rank must make the same calls in order")
-        _, results, stored = await _writer.write_shard(snap, tmp, shard_for(coord.rank),
-                                                        options, workers, disk)
-        table = _writer.array_table(snap, results)
-        for entry in table:
-            entry["replicated"] = replicated(entry["path"])
-        report = {"values": snap.values, "arrays": table, "digests": snap.digests or {}}
-    except CoordinationError:
-        raise
-    except Exception as exc:
-        own_error = f"{type(exc).__name__}: {exc}"
-    finally:
-        snap.release()
-    payload = {"path": path, "error": own_error, "report": report}
-    if coord.rank == 0:
-        assert tmp is not None
-        try:
-            reports = await coord.gather_to_zero(f"{key}/done", payload,
-                                                 "finish writing its shard")
-            assert reports is not None
-            failed = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
-            failed += [f"rank {r} saved {rep['path']} instead of {path}"
-                       for r, rep in enumerate(reports) if rep["path"] != path]
-            if failed:
-                raise SaveError(f"saving {path} failed on {'; '.join(failed)}; nothing was "
-                                f"committed")
-            differ = _compare_digests([rep["report"]["digests"] for rep in reports])
-            if differ:
-                raise SaveError(f"saving {path} failed: replicated values differ between "
-                                f"ranks: {'; '.join(differ)}; nothing was committed")
-            def build() -> bytes:  # off the event loop: JSON of every rank's tree
-                arrays, ranks = assemble([rep["report"] for rep in reports])
-                return encode_manifest(snap.save_counter, {}, arrays, ranks=ranks,
-                                       replicated=list(globs))
-            manifest = await anyio.to_thread.run_sync(build)
-            await _commit.seal(tmp, manifest, sync=options.fsync)
-            extra = await commit(tmp)
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_commit.discard, tmp)
-                await coord.put(f"{key}/result", {"ok": False, "error": str(exc)})
-            raise
-        await coord.put(f"{key}/result", {"ok": True, "extra": extra})
-    else:
-        await coord.gather_to_zero(f"{key}/done", payload, "finish writing its shard")
-        result = await coord.get(f"{key}/result", [0], "commit the checkpoint")
-        if not result["ok"]:
-            raise SaveError(result["error"])
-        if own_error:
-            raise SaveError(own_error)
-        extra = result["extra"]
-    return stored, extra
 
 
 def prune(node: dict[str, Any], path: str, keep: Callable[[str], bool]

@@ -72,6 +72,17 @@ async def record_plain_save(path: str, *, sync: bool) -> None:
     await _directory.write_state(directory, state, sync=sync)
 
 
+def _view_of(managed: _retention.Managed) -> dict[str, Any]:
+    """What the committing rank tells the others about the managed checkpoints (JSON)."""
+    return {"paths": list(managed.paths), "timestamps": list(managed.timestamps),
+            "last_preserved": managed.last_preserved_timestamp, "latest": managed.latest}
+
+
+def _managed_from(view: dict[str, Any]) -> _retention.Managed:
+    return _retention.Managed(tuple(view["paths"]), tuple(view["timestamps"]),
+                              view["last_preserved"], view["latest"])
+
+
 class CheckpointManager:
     """Keeps a directory of numbered checkpoints, as ``tf.train.CheckpointManager`` does.
 
@@ -107,17 +118,24 @@ class CheckpointManager:
         self._options = _options(options)
         self._id = secrets.token_hex(16)
         self._commits = 0
-        self._owner_seen = _directory.read_owner(self._directory)
         self._cleaned = False
         self._sequencer = Sequencer()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._handles: list[SaveHandle] = []
-        state = _directory.read_state_sync(self._directory)
+        # With an I/O rank, only it reads the directory; the others get its view (collective).
+        coord = checkpoint._coordinator(self._options)
+        reads = coord is None or coord.touches_files
+        self._owner_seen = _directory.read_owner(self._directory) if reads else None
+        state = _directory.read_state_sync(self._directory) if reads else None
         self._managed, went_back = _retention.recover(
             state, now=time.time(), resolve=lambda p: _directory.resolve(self._directory, p))
         if went_back:
             log.warning("time.time() is behind the last preserved checkpoint timestamp of %s; "
                         "keep_checkpoint_every_n_hours now counts from now", self._directory)
+        if coord is not None and coord.io_rank is not None:
+            view = coord.exchange_sync(coord.next_key(), _view_of(self._managed) if reads
+                                       else None)
+            self._managed = _managed_from(view)
 
     # -- properties (committed state only) -------------------------------------------------
     @property
@@ -185,8 +203,8 @@ class CheckpointManager:
             return
         self._cleaned = True
         coord = self._checkpoint._coordinator(self._options)
-        if coord is not None and coord.rank != 0:
-            return  # with several processes only rank 0 changes the directory
+        if coord is not None and coord.rank != coord.committer:
+            return  # with several processes only the committing rank changes the directory
         state = await _directory.read_state(self._directory)
         await anyio.to_thread.run_sync(
             lambda: _directory.clean_residue(self._directory, state, sync=self._options.fsync))
@@ -303,17 +321,14 @@ class CheckpointManager:
 
         async def commit(staged: str) -> dict[str, Any]:
             await anyio.to_thread.run_sync(self._commit, staged, handle.path, handle._options)
-            m = self._managed
-            return {"paths": list(m.paths), "timestamps": list(m.timestamps),
-                    "last_preserved": m.last_preserved_timestamp, "latest": m.latest}
+            return _view_of(self._managed)
 
         async with self._sequencer.turn(handle._ticket):
             metrics, view = await self._checkpoint._write_collective(
                 coord, snap, handle.path, handle._options, commit)
         handle._snapshot = None
-        if coord.rank != 0:
-            self._managed = _retention.Managed(tuple(view["paths"]), tuple(view["timestamps"]),
-                                               view["last_preserved"], view["latest"])
+        if coord.rank != coord.committer:
+            self._managed = _managed_from(view)
         handle.metrics = metrics
 
     def _commit(self, staged: str, path: str, options: CheckpointOptions) -> None:
@@ -374,8 +389,10 @@ class CheckpointManager:
         """
         latest = self._managed.latest
         if latest is not None:
-            await anyio.to_thread.run_sync(_recover, latest)
-            await self._checkpoint.restore(latest)
+            coord = self._checkpoint._coordinator(self._options)
+            if coord is None or coord.touches_files:
+                await anyio.to_thread.run_sync(_recover, latest)
+            await self._checkpoint.restore(latest, self._options)
             if self._interval is not None:
                 self._last_step = _evaluate(self._step_counter, "step_counter")
             return latest

@@ -47,9 +47,10 @@ class CheckpointOptions:
 
     Attributes:
         experimental_io_device: As in TensorFlow, where filesystem I/O happens. Here: which
-            process (rank) touches the filesystem when several processes save one checkpoint
-            (an int rank or a TF device string whose ``task`` is the rank). In a single process
-            it is validated and has no effect.
+            process (rank) touches the filesystem when several processes save or restore one
+            checkpoint (an int rank or a TF device string whose ``task`` is the rank); the
+            other ranks stream their chunks to it and get theirs back from it. In a single
+            process it is validated and has no effect.
         compression: ``"zstd"`` or ``"none"``.
         compression_level: zstd level (-7..22); 1 is the fast default.
         adaptive_compression: store a chunk compressed only when the saving measured on a

@@ -13,6 +13,7 @@ import errno
 import os
 import queue
 import threading
+from typing import Any
 
 import anyio
 import numpy as np
@@ -22,7 +23,7 @@ from ._codec import ChunkDamaged, Decoder
 from ._errors import CorruptCheckpointError, RestoreError, first_error
 from ._format import MANIFEST_LIMIT, MANIFEST_NAME, ArraySpec, Chunk, Manifest, decode_manifest
 
-__all__ = ["read_manifest", "read_arrays", "byte_view"]
+__all__ = ["read_manifest", "read_manifest_data", "read_arrays", "byte_view", "chunk_order"]
 
 
 async def read_manifest(path: str) -> Manifest:
@@ -30,6 +31,12 @@ async def read_manifest(path: str) -> Manifest:
 
     Cancellation: the read is abandoned; nothing was changed.
     """
+    return (await read_manifest_data(path))[1]
+
+
+async def read_manifest_data(path: str) -> tuple[bytes, Manifest]:
+    """The manifest file's bytes (to share with ranks that cannot read it) and the validated
+    manifest."""
     if not await anyio.to_thread.run_sync(_fs.is_dir, path):
         raise RestoreError(f"no checkpoint at {path}: it is not a directory")
     source = os.path.join(path, MANIFEST_NAME)
@@ -47,7 +54,7 @@ async def read_manifest(path: str) -> Manifest:
     except (OSError, ValueError) as exc:
         raise CorruptCheckpointError(f"cannot read {source}: {exc}") from exc
     # Off the event loop: a large manifest takes a while to parse and validate.
-    return await anyio.to_thread.run_sync(_decode_and_check, data, source, path)
+    return data, await anyio.to_thread.run_sync(_decode_and_check, data, source, path)
 
 
 def _file_size(path: str) -> int:
@@ -106,6 +113,12 @@ class _Shards:
             self.close()
             raise
 
+    def fetch(self, chunk: Chunk, into: memoryview) -> None:
+        _fs.pread_into(self.fds[chunk.file], into, chunk.offset)
+
+    def fetch_end(self) -> None:
+        pass
+
     def close(self) -> None:
         for fd in self.fds.values():
             _fs.close(fd)
@@ -115,25 +128,44 @@ class _Shards:
 _Job = tuple[ArraySpec, Chunk, int, np.ndarray]
 
 
-def _read_stage(jobs: list[_Job], shards: _Shards, abort: threading.Event, consumers: int,
+def is_raw(chunk: Chunk) -> bool:
+    """Stored as is: read straight into the destination, then checked."""
+    return chunk.codec == "raw" and chunk.filter == "none"
+
+
+def chunk_order(specs: list[ArraySpec]) -> list[tuple[int, int, Chunk]]:
+    """``(spec index, byte offset in the array, chunk)`` in file order: the order chunks are
+    read, and sent between ranks (both ends derive it from the same specs)."""
+    out = []
+    for i, spec in enumerate(specs):
+        start = 0
+        for chunk in spec.chunks:
+            out.append((i, start, chunk))
+            start += chunk.raw_len
+    out.sort(key=lambda item: (item[2].file, item[2].offset))
+    return out
+
+
+def _read_stage(jobs: list[_Job], shards: Any, abort: threading.Event, consumers: int,
                 out: queue.Queue[tuple[_Job, memoryview | None] | None]) -> None:
     """Read the chunks in file order, one sequential stream (measured faster here than
     interleaved readers): raw chunks straight into their destination, others into a buffer.
-    Always ends with one end marker per verifier."""
+    ``shards`` reads a chunk's stored bytes into a buffer (``fetch(chunk, into)``): from the
+    shard files, or from the I/O rank. Always ends with one end marker per verifier."""
     try:
         for job in jobs:
             if abort.is_set():
                 break
             spec, chunk, start, out_bytes = job
-            fd = shards.fds[chunk.file]
-            if chunk.codec == "raw" and chunk.filter == "none":
-                _fs.pread_into(fd, memoryview(out_bytes[start:start + chunk.raw_len]),
-                               chunk.offset)
+            if is_raw(chunk):
+                shards.fetch(chunk, memoryview(out_bytes[start:start + chunk.raw_len]))
                 out.put((job, None))
             else:
                 stored = memoryview(bytearray(chunk.stored_len))
-                _fs.pread_into(fd, stored, chunk.offset)
+                shards.fetch(chunk, stored)
                 out.put((job, stored))
+        else:
+            shards.fetch_end()
     except EOFError as exc:
         abort.set()
         raise CorruptCheckpointError(f"a shard of {shards.directory} became shorter while it "
@@ -184,26 +216,25 @@ def _verify_stage(directory: str, inbox: queue.Queue[tuple[_Job, memoryview | No
 
 
 async def read_arrays(directory: str, specs: list[ArraySpec], destinations: list[np.ndarray],
-                      *, threads: int) -> None:
+                      *, threads: int, source: Any = None) -> None:
     """Fill each destination array (matching shape and dtype) from its spec's chunks.
+
+    ``source`` replaces the shard files (an object with ``fetch(chunk, into)``,
+    ``fetch_end()`` and ``close()``, e.g. chunks streamed from the I/O rank).
 
     Cancellation: workers stop after their current chunk; destinations may then hold a mix
     of old and restored data.
     """
     staged: list[tuple[np.ndarray, np.ndarray]] = []   # non-contiguous dest <- temporary
-    jobs = []
-    for spec, dest in zip(specs, destinations):
+    targets = []
+    for dest in destinations:
         target = dest
         if not dest.flags.c_contiguous:
             target = np.empty(dest.shape, dest.dtype)
             staged.append((dest, target))
-        out_bytes = byte_view(target)
-        start = 0
-        for chunk in spec.chunks:
-            jobs.append((spec, chunk, start, out_bytes))
-            start += chunk.raw_len
-    jobs.sort(key=lambda j: (j[1].file, j[1].offset))
-    shards = await anyio.to_thread.run_sync(_Shards, directory, specs)
+        targets.append(byte_view(target))
+    jobs = [(specs[i], chunk, start, targets[i]) for i, start, chunk in chunk_order(specs)]
+    shards = source or await anyio.to_thread.run_sync(_Shards, directory, specs)
     abort = threading.Event()
     verifiers = max(1, min(threads, len(jobs)))
     handoff: queue.Queue = queue.Queue(maxsize=4 * verifiers)

@@ -212,17 +212,45 @@ def _encode_worker(tasks: list[_Task], counter: Callable[[], int],
         out.put(None)  # always: the writer counts one end marker per encoder
 
 
-def _write_worker(tmp: str, name: str, tasks: list[_Task], encoders: int, sync: bool,
+class FileSink:
+    """Where a shard's encoded chunks go: a file, created on the first chunk, written back
+    to disk as it grows and fsynced at the end."""
+
+    def __init__(self, path: str, sync: bool) -> None:
+        self.path, self.sync = path, sync
+        self.fd: int | None = None
+        self.offset = self.flushed = 0
+
+    def write(self, data: memoryview | bytes) -> None:
+        if self.fd is None:
+            self.fd = _fs.open_new(self.path)
+        _fs.write_all(self.fd, data)
+        self.offset += len(data) if isinstance(data, bytes) else data.nbytes
+        if self.sync and self.offset - self.flushed >= _WRITEBACK_BYTES:
+            _fs.start_writeback(self.fd, self.flushed, self.offset - self.flushed)
+            self.flushed = self.offset
+
+    def finish(self) -> None:
+        if self.fd is not None and self.sync:
+            _fs.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            _fs.close(self.fd)
+            self.fd = None
+
+
+def _write_worker(sink: Any, name: str, tasks: list[_Task], encoders: int,
                   abort: threading.Event,
                   inbox: queue.Queue[tuple[int, memoryview | bytes, str, str, int] | None],
                   results: list[tuple[int, Chunk] | None]) -> int:
-    """Append encoded chunks to the shard as they come, then fsync; returns bytes written.
+    """Hand encoded chunks to ``sink`` (a :class:`FileSink`, or a stream to the I/O rank)
+    as they come, then finish it (fsync); returns bytes written.
 
     After a failure it keeps draining the inbox until every encoder ended, so no encoder is
     left blocked on a full queue.
     """
-    fd = None
-    offset = flushed = ended = 0
+    offset = ended = 0
     try:
         while ended < encoders:
             item = inbox.get()
@@ -233,34 +261,29 @@ def _write_worker(tmp: str, name: str, tasks: list[_Task], encoders: int, sync: 
                 continue
             i, stored, codec, filt, crc = item
             try:
-                if fd is None:
-                    fd = _fs.open_new(os.path.join(tmp, name))
-                _fs.write_all(fd, stored)
+                sink.write(stored)
                 size = len(stored) if isinstance(stored, bytes) else stored.nbytes
                 results[i] = (tasks[i].array,
                               Chunk(name, offset, size, tasks[i].raw.size, codec, filt, crc))
                 offset += size
-                if sync and offset - flushed >= _WRITEBACK_BYTES:
-                    _fs.start_writeback(fd, flushed, offset - flushed)
-                    flushed = offset
             except BaseException as exc:
                 abort.set()
                 error: BaseException | None = exc
                 while ended < encoders:  # drain, then re-raise
                     ended += inbox.get() is None
                 raise error
-        if fd is not None and sync and not abort.is_set():
-            _fs.fsync(fd)
+        if not abort.is_set():
+            sink.finish()
     finally:
-        if fd is not None:
-            _fs.close(fd)
+        sink.close()
     return offset
 
 
 async def write_shard(snap: Snapshot, directory: str, name: str, options: CheckpointOptions,
-                      workers: WorkerThreads, disk: DiskModel
+                      workers: WorkerThreads, disk: DiskModel, sink: Any = None
                       ) -> tuple[list[_Task], list[tuple[int, Chunk] | None], int]:
-    """Encode the snapshot's chunks and append them to ``directory/name``, fsynced.
+    """Encode the snapshot's chunks and append them to ``directory/name``, fsynced (or hand
+    them to ``sink``, which stands for that file on another rank).
 
     Returns the chunk tasks, per task ``(array index, Chunk)``, and the bytes written.
     Cancellation: the workers stop after their current chunk; the caller removes the file.
@@ -277,6 +300,8 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
         adaptive=options.adaptive_compression, shuffle=options.byte_shuffle,
         chunk_bytes=options.chunk_bytes, disk=disk, threads=encoders)
     written = [0]
+    if sink is None:
+        sink = FileSink(os.path.join(directory, name), options.fsync)
 
     async def run_encoder() -> None:
         await workers.run(lambda: _encode_worker(tasks, counter, make_encoder, abort, inbox),
@@ -284,8 +309,7 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
 
     async def run_writer() -> None:
         written[0] = await workers.run(
-            lambda: _write_worker(directory, name, tasks, encoders, options.fsync, abort, inbox,
-                                  results),
+            lambda: _write_worker(sink, name, tasks, encoders, abort, inbox, results),
             on_cancel=abort.set)
 
     async with anyio.create_task_group() as tg:

@@ -125,6 +125,69 @@ async def replicated_differ():
         emit(error=str(exc))
 
 
+def record_file_access():
+    """Wrap every function of the filesystem seam; returns the list of calls made."""
+    import inspect
+    calls = []
+    for name, fn in list(vars(_fs).items()):
+        if inspect.isfunction(fn) and fn.__module__ == _fs.__name__ and not name.startswith("_"):
+            def spy(*args, _fn=fn, _name=name, **kw):
+                calls.append(f"{_name}{tuple(str(a)[:80] for a in args)}")
+                return _fn(*args, **kw)
+            setattr(_fs, name, spy)
+    return calls
+
+
+async def io_device():
+    io = world - 1
+    calls = record_file_access()
+    opts = ac.CheckpointOptions(coordination_timeout=20.0, check_replicated=True,
+                                experimental_io_device=f"/job:worker/replica:0/task:{io}")
+    step = np.array(0)
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts) as mgr:
+        for i in (1, 2, 3):
+            step[...] = i
+            ckpt.optimizer = local(i)
+            handle = await mgr.start_save()
+            await handle.wait()
+        latest, kept = mgr.latest_checkpoint, mgr.checkpoints
+    m = ckpt.optimizer["m"]
+    m[:] = -1
+    ckpt.model["w"][:] = 0
+    step[...] = 0
+    fresh = ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts)
+    restored = await fresh.restore_or_initialize()
+    emit(latest=latest, kept=kept, restored=restored, step=int(step),
+         m_ok=bool((m == rank * 100 + 3).all()) and ckpt.optimizer["m"] is m,
+         w_ok=bool(np.array_equal(ckpt.model["w"], model()["w"])),
+         tensor=float(ckpt.optimizer["t"][0]), calls=len(calls), some_calls=calls[:5])
+
+
+async def io_failures():
+    """Scenario ``io_dies``: rank 1 is killed while streaming to the I/O rank 0.
+    Scenario ``io_eio``: the I/O rank 1 cannot fsync."""
+    from asyncckpt import _transport
+    io = 0 if scenario == "io_dies" else 1
+    opts = ac.CheckpointOptions(coordination_timeout=8.0, experimental_io_device=io)
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts) as mgr:
+        first = await mgr.save()
+        if scenario == "io_dies" and rank == 1:
+            _transport.SendSink.write = lambda self, data: os._exit(9)
+        if scenario == "io_eio" and rank == io:
+            def eio(fd):
+                raise OSError(5, "Input/output error")
+            _fs.fsync = eio
+        try:
+            await mgr.save()
+            error = None
+        except ac.SaveError as exc:
+            error = str(exc)
+        latest = mgr.latest_checkpoint
+    emit(first=first, latest=latest, error=error)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -140,5 +203,6 @@ if scenario == "sync":
 else:
     anyio.run({"roundtrip": roundtrip, "wrong_order": wrong_order, "rank_fails": rank_fails,
                "rank_dies": rank_dies,
-               "replicated_differ": replicated_differ}[scenario], backend="asyncio")
+               "replicated_differ": replicated_differ, "io_device": io_device,
+               "io_dies": io_failures, "io_eio": io_failures}[scenario], backend="asyncio")
 dist.destroy_process_group()

@@ -104,6 +104,39 @@ def test_sync_manager_under_two_ranks(tmp_path):
     assert tree == results[0]["path"]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_io_device_rank_alone_touches_the_filesystem(tmp_path, world):
+    results = run_ranks("io_device", world, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    io = world - 1
+    latest = results[io]["latest"]
+    assert latest.endswith("ckpt-3") and {r["latest"] for r in results} == {latest}
+    assert {tuple(r["kept"]) for r in results} == {tuple(results[io]["kept"])}
+    for rank, r in enumerate(results):
+        assert r["restored"] == latest and r["step"] == 3 and r["m_ok"] and r["w_ok"], r
+        assert r["tensor"] == float(rank)
+        if rank != io:  # the seam proof: no open, write, listing, rename or fsync at all
+            assert r["calls"] == 0, r["some_calls"]
+        else:  # ... while the same spy sees the I/O rank's
+            assert r["calls"] > 50
+    assert len([f for f in os.listdir(latest) if "shard" in f]) == world
+    assert ac.latest_checkpoint(tmp_path / "ckpts") == latest
+
+
+@pytest.mark.parametrize("scenario", ["io_dies", "io_eio"])
+def test_io_device_failures_commit_nothing(tmp_path, scenario):
+    results = run_ranks(scenario, 2, tmp_path)
+    survivors = results[:1] if scenario == "io_dies" else results
+    if scenario == "io_dies":
+        assert results[1]["rc"] == 9
+    for r in survivors:
+        assert r["rc"] == 0, r["err"]
+        assert r["error"] and "rank 1" in r["error"], r["error"]
+        assert r["latest"] == r["first"]
+    assert ac.latest_checkpoint(tmp_path / "ckpts") == survivors[0]["first"]
+    assert not any("asyncckpt-tmp" in e for e in os.listdir(tmp_path / "ckpts"))
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])
