@@ -12,7 +12,7 @@ from . import _collective, _commit, _dist, _reader, _transport, _tree, _writer
 from ._codec import DiskModel
 from ._errors import IncompleteRestoreError, RestoreError
 from ._options import CheckpointOptions, SaveMetrics
-from ._restore import plan_restore
+from ._restore import check_pieces, plan_restore
 from ._staging import StagingPool
 from ._workers import WorkerThreads
 
@@ -135,7 +135,8 @@ class Checkpoint:
         stage = None
         if coord is not None:
             def stage(leaves: list[Any]) -> list[bool]:
-                shared[:] = [leaf for leaf in leaves if self._is_replicated(leaf.path)]
+                shared[:] = [leaf for leaf in leaves
+                             if not leaf.sharded and self._is_replicated(leaf.path)]
                 owners = _dist.assign_owners([(leaf.path, leaf.nbytes) for leaf in shared],
                                              coord.world)
                 return [owners.get(leaf.path, coord.rank) == coord.rank for leaf in leaves]
@@ -264,11 +265,12 @@ class Checkpoint:
         try:
             plan = plan_restore(manifest, self._values)
         except BaseException:
-            await _collective.read_arrays_collective(coord, key, path, manifest, None, [],
+            await _collective.read_arrays_collective(coord, key, path, manifest, None, [], [],
                                                      options.io_threads)
             raise
-        await _collective.read_arrays_collective(coord, key, path, manifest, plan.specs,
-                                                 plan.destinations, options.io_threads)
+        await _collective.read_arrays_collective(coord, key, path, manifest, plan.requests(),
+                                                 plan.specs, plan.destinations,
+                                                 options.io_threads)
         return manifest, plan
 
 
@@ -311,18 +313,33 @@ async def load(path: str | os.PathLike[str],
                            f"more than this process can allocate; restore into existing "
                            f"arrays with Checkpoint.restore, or free memory") from exc
     await _reader.read_arrays(directory, specs, arrays, threads=options.io_threads)
+    pieces = _tree.dtensor_pieces(list(manifest.ranks or [manifest.values]))
+
+    def whole(path: str, node: dict[str, Any]) -> Any:  # a sharded value, put together
+        parts = [(specs[i], offset, arrays[i]) for i, offset in pieces.get(path, [])]
+        shape = tuple(node["shape"])
+        check_pieces(path, shape, [(spec, offset) for spec, offset, _ in parts])
+        out = _empty_like(shape, parts[0][0] if parts else None)
+        for spec, offset, data in parts:
+            out[tuple(slice(o, o + n) for o, n in zip(offset, spec.shape))] = data
+        return out
+
+    def value(node: dict[str, Any], name: str) -> Any:
+        return _tree.node_to_value(node, arrays.__getitem__, whole, name)
     if manifest.ranks is None:
-        tree: dict[str, Any] = {name: _tree.node_to_value(node, arrays.__getitem__)
-                                for name, node in manifest.values.items()}
-    else:  # several processes: replicated values once, then each rank's own under "rank/<r>"
-        tree = {name: _tree.node_to_value(node, arrays.__getitem__)
-                for name, node in _dist.view(manifest, None).items()}
+        tree: dict[str, Any] = {name: value(node, name) for name, node in manifest.values.items()}
+    else:  # several processes: shared values once, then each rank's own under "rank/<r>"
+        tree = {name: value(node, name) for name, node in _dist.view(manifest, None).items()}
         for rank in range(len(manifest.ranks)):
-            tree[f"rank/{rank}"] = {
-                name: _tree.node_to_value(node, arrays.__getitem__)
-                for name, node in _dist.local_view(manifest, rank).items()}
+            tree[f"rank/{rank}"] = {name: value(node, name)
+                                    for name, node in _dist.local_view(manifest, rank).items()}
     tree["save_counter"] = manifest.save_counter
     return tree
+
+
+def _empty_like(shape: tuple[int, ...], spec: Any) -> Any:
+    import numpy as np
+    return np.empty(shape, spec.dtype if spec is not None else np.float32)
 
 
 def _empty(spec: Any) -> Any:

@@ -14,6 +14,7 @@ streams their stored chunks, which the asking rank verifies and decodes itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Callable
@@ -74,8 +75,8 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
             _, results, state["stored"] = await _writer.write_shard(
                 snap, tmp, shard_for(coord.rank), options, workers, disk, sink)
             table = _writer.array_table(snap, results)
-            for entry in table:
-                entry["replicated"] = replicated(entry["path"])
+            for i, entry in enumerate(table):
+                entry["replicated"] = replicated(entry["path"]) and i not in snap.sharded
             state["report"] = {"values": snap.values, "arrays": table,
                                "digests": snap.digests or {}}
         except CoordinationError:
@@ -176,22 +177,20 @@ async def shared_manifest(coord: Coordinator, path: str) -> tuple[str, Manifest]
 
 
 async def read_arrays_collective(coord: Coordinator, key: str, path: str, manifest: Manifest,
-                                 specs: list[Any] | None, destinations: list[Any],
-                                 threads: int) -> None:
-    """Fill ``destinations`` from ``specs`` (arrays of ``manifest``): the I/O rank reads
-    them itself and serves every other rank the chunks it asked for; the others receive.
-    ``specs`` None: this rank's planning failed; it asks for nothing (and raises its own
-    error afterwards).
+                                 requests: list[list[int]] | None, specs: list[Any],
+                                 destinations: list[Any], threads: int) -> None:
+    """Fill ``destinations`` from ``specs`` (``requests`` names them as ``[array index,
+    first chunk, chunk count]`` of ``manifest``): the I/O rank reads them itself and serves
+    every other rank the chunks it asked for; the others receive. ``requests`` None: this
+    rank's planning failed; it asks for nothing (and raises its own error afterwards).
 
     Cancellation: shielded; a collective restore cannot be abandoned by one rank.
     """
     boss = coord.committer
     with anyio.CancelScope(shield=True):
         if coord.rank != boss:
-            index = {id(spec): i for i, spec in enumerate(manifest.arrays)}
-            wanted = None if specs is None else [index[id(s)] for s in specs]
-            await coord.put(f"{key}/want/r{coord.rank}", {"arrays": wanted})
-            if specs is None:
+            await coord.put(f"{key}/want/r{coord.rank}", {"arrays": requests})
+            if requests is None:
                 return
 
             def why() -> str:
@@ -224,10 +223,7 @@ async def read_arrays_collective(coord: Coordinator, key: str, path: str, manife
             if wanted is None:
                 return
             try:
-                if not all(isinstance(i, int) and 0 <= i < len(manifest.arrays)
-                           for i in wanted):
-                    raise ValueError(f"rank {rank} asked for arrays that do not exist")
-                chosen = [manifest.arrays[i] for i in wanted]
+                chosen = [_part(manifest, request, rank) for request in wanted]
             except ValueError as exc:
                 chosen = exc
             await anyio.to_thread.run_sync(_serve, coord, f"{key}/failed/r{rank}", rank, path,
@@ -240,6 +236,18 @@ async def read_arrays_collective(coord: Coordinator, key: str, path: str, manife
                     tg.start_soon(serve, rank)
         if errors:
             raise errors[0]
+
+
+def _part(manifest: Manifest, request: Any, rank: int) -> Any:
+    """The chunks ``[array index, first chunk, count]`` of ``manifest``, checked."""
+    ok = (isinstance(request, list) and len(request) == 3
+          and all(type(v) is int for v in request) and 0 <= request[0] < len(manifest.arrays))
+    spec = manifest.arrays[request[0]] if ok else None
+    if spec is None or not (0 <= request[1] and 0 <= request[2]
+                            and request[1] + request[2] <= len(spec.chunks)):
+        raise ValueError(f"rank {rank} asked for chunks that do not exist: {request!r}")
+    index, first, count = request
+    return dataclasses.replace(spec, chunks=spec.chunks[first:first + count])
 
 
 def _serve(coord: Coordinator, failed_key: str, rank: int, path: str,

@@ -159,6 +159,9 @@ def _renumber(node: dict[str, Any], mapping: dict[int, int]) -> dict[str, Any]:
         return {"t": kind, "items": [_renumber(c, mapping) for c in node["items"]]}
     if kind == "state":
         return {"t": "state", "value": _renumber(node["value"], mapping)}
+    if kind == "dtensor":
+        return {"t": "dtensor", "shape": node["shape"],
+                "pieces": [[mapping[i], offset] for i, offset in node["pieces"]]}
     return node
 
 
@@ -223,9 +226,10 @@ def shard_for(rank: int) -> str:
     return f"shard-r{rank:05d}.bin"
 
 
-def prune(node: dict[str, Any], path: str, keep: Callable[[str], bool]
+def prune(node: dict[str, Any], path: str, keep: Callable[[str], bool], sharded: bool
           ) -> dict[str, Any] | None:
-    """The part of a tree whose leaves' key paths ``keep`` accepts (None if nothing).
+    """The part of a tree whose leaves' key paths ``keep`` accepts (None if nothing);
+    sharded (DTensor) values are kept if ``sharded``.
 
     Dicts drop entries; a list or tuple with any kept element keeps its length, the other
     elements becoming None.
@@ -233,46 +237,49 @@ def prune(node: dict[str, Any], path: str, keep: Callable[[str], bool]
     from ._tree import join_path
     kind = node["t"]
     if kind == "state":
-        inner = prune(node["value"], path, keep)
+        inner = prune(node["value"], path, keep, sharded)
         return None if inner is None else {"t": "state", "value": inner}
     if kind == "dict":
         items = []
         for key, child in node["items"]:
-            kept = prune(child, join_path(path, key), keep)
+            kept = prune(child, join_path(path, key), keep, sharded)
             if kept is not None:
                 items.append([key, kept])
         if items or (not node["items"] and keep(path)):
             return {"t": "dict", "items": items}
         return None
     if kind in ("list", "tuple"):
-        kept_items = [prune(child, join_path(path, i), keep)
+        kept_items = [prune(child, join_path(path, i), keep, sharded)
                       for i, child in enumerate(node["items"])]
         if any(k is not None for k in kept_items) or (not node["items"] and keep(path)):
             return {"t": kind, "items": [k if k is not None else {"t": "none"}
                                          for k in kept_items]}
         return None
+    if kind == "dtensor":
+        return node if sharded else None
     return node if keep(path) else None
 
 
 def view(manifest: Any, rank: int | None) -> dict[str, Any]:
-    """Tracked values seen by one rank (``rank``), or the replicated part (``None``)."""
+    """Tracked values seen by one rank (``rank``), or the part every rank shares (``None``):
+    replicated values, and sharded (DTensor) values, whose pieces come from every rank."""
     if rank is not None:
         return manifest.ranks[rank]
     keep = compile_globs(manifest.replicated)
     out = {}
     for name, node in manifest.ranks[0].items():
-        kept = prune(node, name, keep)
+        kept = prune(node, name, keep, True)
         if kept is not None:
             out[name] = kept
     return out
 
 
 def local_view(manifest: Any, rank: int) -> dict[str, Any]:
-    """Rank ``rank``'s own (not replicated) values."""
+    """Rank ``rank``'s own values (neither replicated nor sharded)."""
     shared = compile_globs(manifest.replicated)
     out = {}
     for name, node in manifest.ranks[rank].items():
-        kept = prune(node, name, lambda p: not shared(p))
+        kept = prune(node, name, lambda p: not shared(p), False)
         if kept is not None:
             out[name] = kept
     return out

@@ -331,14 +331,9 @@ def _check_node(node: Any, path: _Path, arrays: tuple[ArraySpec, ...], used: lis
         if not (len(node) == 2 and _is_int(index) and 0 <= index < len(used)):
             raise _Bad(f"{_where(path)}: an array node has exactly the members t and index "
                        f"(0 <= index < {len(used)}), not {_show(node, 120)}")
-        if used[index]:
-            raise _Bad(f"{_where(path)}: arrays[{index}] is referenced twice (every array must "
-                       f"be referenced exactly once)")
-        used[index] = 1
-        saved = arrays[index].path
-        if _path_str(path, len(saved)) != saved:
-            raise _Bad(f"{_where(path)}: arrays[{index}].path is {_show(saved)}, not this "
-                       f"key path")
+        _use(index, path, arrays, used)
+    elif kind == "dtensor":
+        _check_dtensor(node, path, arrays, used)
     elif kind in _LEAF_KINDS:
         if set(node) != {"t", *_LEAF_KINDS[kind]}:
             raise _Bad(f"{_where(path)}: {_article(kind)} {kind} node has exactly the members "
@@ -355,6 +350,41 @@ def _check_node(node: Any, path: _Path, arrays: tuple[ArraySpec, ...], used: lis
             raise _Bad(f"{_where(path)}: bad {kind} value: {exc}") from exc
     else:
         raise _Bad(f"{_where(path)}: unknown node type {_show(kind)}")
+
+
+def _use(index: int, path: _Path, arrays: tuple[ArraySpec, ...], used: list[int]) -> None:
+    if used[index]:
+        raise _Bad(f"{_where(path)}: arrays[{index}] is referenced twice (every array must "
+                   f"be referenced exactly once)")
+    used[index] = 1
+    saved = arrays[index].path
+    if _path_str(path, len(saved)) != saved:
+        raise _Bad(f"{_where(path)}: arrays[{index}].path is {_show(saved)}, not this "
+                   f"key path")
+
+
+def _check_dtensor(node: dict[str, Any], path: _Path, arrays: tuple[ArraySpec, ...],
+                   used: list[int]) -> None:
+    """A sharded value: its global shape and this rank's piece (none if another rank holding
+    the same piece wrote it), which must lie inside that shape."""
+    shape, pieces = node.get("shape"), node.get("pieces")
+    if not (set(node) == {"t", "shape", "pieces"} and isinstance(shape, list)
+            and len(shape) <= _MAX_NDIM and all(_is_int(d) and 0 <= d < 1 << 62 for d in shape)
+            and math.prod(shape) < 1 << 62 and isinstance(pieces, list) and len(pieces) <= 1):
+        raise _Bad(f"{_where(path)}: a dtensor node has exactly the members t, shape (a list "
+                   f"of sizes) and pieces (at most one), not {_show(node, 120)}")
+    for piece in pieces:
+        if not (isinstance(piece, list) and len(piece) == 2 and _is_int(piece[0])
+                and 0 <= piece[0] < len(used) and isinstance(piece[1], list)
+                and len(piece[1]) == len(shape) and all(_is_int(o) and o >= 0 for o in piece[1])):
+            raise _Bad(f"{_where(path)}: a dtensor piece is [array index, [offset per "
+                       f"dimension]], not {_show(piece, 120)}")
+        index, offset = piece
+        _use(index, path, arrays, used)
+        dims = arrays[index].shape
+        if len(dims) != len(shape) or any(o + n > d for o, n, d in zip(offset, dims, shape)):
+            raise _Bad(f"{_where(path)}: piece arrays[{index}] of shape {list(dims)} at offset "
+                       f"{offset} does not fit in the global shape {shape}")
 
 
 def _array_spec(doc: Any, i: int) -> ArraySpec:

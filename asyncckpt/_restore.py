@@ -8,16 +8,18 @@ arrays in place and writes immutable leaves back into their containers (tuples a
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from . import _jax, _torch, _tree
-from ._errors import MismatchError
+from ._errors import CorruptCheckpointError, MismatchError
 from ._format import ArraySpec, Manifest
 
-__all__ = ["Plan", "plan_restore"]
+__all__ = ["Plan", "plan_restore", "check_pieces"]
 
 Finish = Callable[[], Any]
 
@@ -33,6 +35,23 @@ class Plan:
     unexpected: list[str] = field(default_factory=list)
     finishers: dict[str, Finish] = field(default_factory=dict)  # tracked name -> new value
     after_read: list[Callable[[], None]] = field(default_factory=list)  # e.g. host -> GPU
+    # a spec reading only some chunks of an array -> (array index, first chunk, count)
+    parts: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    _pieces: dict[str, list[_tree.Piece]] | None = None
+
+    def pieces(self, path: str) -> list[_tree.Piece]:
+        """Every rank's pieces of the sharded value at ``path``."""
+        if self._pieces is None:
+            m = self.manifest
+            self._pieces = _tree.dtensor_pieces(list(m.ranks) if m.ranks else [m.values])
+        return self._pieces.get(path, [])
+
+    def requests(self) -> list[list[int]]:
+        """``[array index, first chunk, chunk count]`` per spec, in order (what a rank asks
+        the I/O rank for)."""
+        index = {id(spec): i for i, spec in enumerate(self.manifest.arrays)}
+        return [list(self.parts.get(id(s)) or (index[id(s)], 0, len(s.chunks)))
+                for s in self.specs]
 
 
 def plan_restore(manifest: Manifest, targets: dict[str, Any]) -> Plan:
@@ -91,6 +110,8 @@ def _plan(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx = 
         return _plan_sequence(node, target, path, plan, ctx)
     if _kind(target) != "leaf":
         raise _mismatch(path, "leaf value", target)
+    if kind == "dtensor":
+        return _plan_sharded(node, target, path, plan, ctx)
     if kind == "array":
         return _plan_array(node, target, path, plan, ctx)
     if isinstance(target, np.ndarray) or _torch.is_tensor(target) or _jax.is_array(target):
@@ -115,6 +136,8 @@ def _fresh(node: dict[str, Any], path: str, plan: Plan, ctx: _Ctx) -> Finish:
             lambda: tuple(fn() for fn in parts))
     if kind == "array":
         return _plan_array(node, None, path, plan, ctx)
+    if kind == "dtensor":
+        return _plan_sharded(node, None, path, plan, ctx)
     value = _tree.decode_scalar(node)
     return lambda: value
 
@@ -168,37 +191,132 @@ def _plan_sequence(node: dict[str, Any], target: list[Any] | tuple[Any, ...], pa
 
 def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx) -> Finish:
     spec = plan.manifest.arrays[node["index"]]
-    result: Any
-    if isinstance(target, np.ndarray) or _torch.is_tensor(target) or _jax.is_array(target):
-        shape = tuple(target.shape)
-        dtype = (_torch.numpy_dtype(target.dtype) if _torch.is_tensor(target)
-                 else np.dtype(target.dtype))
-        if shape != spec.shape or dtype != spec.dtype:
-            raise MismatchError(
-                f"{path}: the checkpoint has shape {spec.shape} dtype {spec.dtype}, the "
-                f"restore target has shape {shape} dtype {dtype}")
-        result = target
-        if _jax.is_array(target):  # immutable: a new array on the target's devices
-            dest = np.empty(spec.shape, spec.dtype)
-            plan.specs.append(spec)
-            plan.destinations.append(dest)
-            return lambda: _jax.put_like(dest, target)
-        if isinstance(target, np.ndarray):
-            if not target.flags.writeable:
-                raise MismatchError(f"{path}: the restore target array is read-only")
-            dest = target
-        elif target.device.type == "cpu":
-            dest = _torch.host_view(target, path)
-        else:
-            dest = np.empty(spec.shape, spec.dtype)
-            plan.after_read.append(lambda: _torch.copy_to_device(target, dest))
-    elif ctx.torch:
-        if not _torch.can_hold(spec.dtype):
-            raise MismatchError(f"{path}: the checkpoint has dtype {spec.dtype}, which a torch "
-                                f"tensor cannot hold; restore it into a numpy array instead")
-        result, dest = _torch.fresh_tensor(spec.shape, spec.dtype)
-    else:
-        result = dest = np.empty(spec.shape, spec.dtype)
+    result, dest = _destination(target, spec.shape, spec.dtype, path, plan, ctx)
     plan.specs.append(spec)
     plan.destinations.append(dest)
-    return lambda: result
+    return lambda: result.value if isinstance(result, _Later) else result
+
+
+def _destination(target: Any, shape: tuple[int, ...], dtype: np.dtype, path: str, plan: Plan,
+                 ctx: _Ctx) -> tuple[Any, np.ndarray]:
+    """The value a restore leaves (the target itself, or a new one) and the host array its
+    bytes are read into (a GPU or jax target is filled from it after the read)."""
+    if not (isinstance(target, np.ndarray) or _torch.is_tensor(target)
+            or _jax.is_array(target)):  # none, or a scalar: replaced by a new array
+        if not ctx.torch:
+            dest = np.empty(shape, dtype)
+            return dest, dest
+        if not _torch.can_hold(dtype):
+            raise MismatchError(f"{path}: the checkpoint has dtype {dtype}, which a torch "
+                                f"tensor cannot hold; restore it into a numpy array instead")
+        return _torch.fresh_tensor(shape, dtype)
+    got = tuple(target.shape)
+    got_dtype = (_torch.numpy_dtype(target.dtype) if _torch.is_tensor(target)
+                 else np.dtype(target.dtype))
+    if got != shape or got_dtype != dtype:
+        raise MismatchError(
+            f"{path}: the checkpoint has shape {shape} dtype {dtype}, the "
+            f"restore target has shape {got} dtype {got_dtype}")
+    if _jax.is_array(target):  # immutable: a new array on the target's devices
+        dest = np.empty(shape, dtype)
+        result = _Later(lambda: _jax.put_like(dest, target))
+        plan.after_read.append(result.run)
+        return result, dest
+    if isinstance(target, np.ndarray):
+        if not target.flags.writeable:
+            raise MismatchError(f"{path}: the restore target array is read-only")
+        return target, target
+    if target.device.type == "cpu":
+        return target, _torch.host_view(target, path)
+    dest = np.empty(shape, dtype)
+    plan.after_read.append(lambda: _torch.copy_to_device(target, dest))
+    return target, dest
+
+
+class _Later:
+    """A value made after the read (a new jax array)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.value = make, None
+
+    def run(self) -> None:
+        self.value = self.make()
+
+
+def _plan_sharded(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx
+                  ) -> Finish:
+    """A sharded (DTensor) value: read the part of every saved piece that overlaps what the
+    target holds (its own local shard for a DTensor, the whole value otherwise), reading
+    only the chunks that part lies in, whatever the world size was at saving."""
+    shape = tuple(node["shape"])
+    pieces = [(plan.manifest.arrays[i], offset) for i, offset in plan.pieces(path)]
+    check_pieces(path, shape, pieces)
+    dtype = pieces[0][0].dtype if pieces else np.dtype(np.float32)
+    box_offset: tuple[int, ...] = (0,) * len(shape)
+    mark = len(plan.after_read)
+    if target is not None and _torch.is_dtensor(target):
+        got = (tuple(target.shape), _torch.numpy_dtype(target.dtype))
+        if got != (shape, dtype):
+            raise MismatchError(f"{path}: the checkpoint has shape {shape} dtype {dtype}, the "
+                                f"restore target has shape {got[0]} dtype {got[1]}")
+        local, box_offset = _torch.dtensor_local(target)
+        _, dest = _destination(local, tuple(local.shape), dtype, path, plan, ctx)
+        result: Any = target
+    else:
+        result, dest = _destination(target, shape, dtype, path, plan, ctx)
+    copies = [c for spec, offset in pieces
+              if (c := _plan_piece(spec, offset, box_offset, dest, plan)) is not None]
+    plan.after_read[mark:mark] = copies  # before any copy of ``dest`` to a device
+    return lambda: result.value if isinstance(result, _Later) else result
+
+
+def _plan_piece(spec: ArraySpec, offset: tuple[int, ...], box_offset: tuple[int, ...],
+                dest: np.ndarray, plan: Plan) -> Callable[[], None] | None:
+    lo = [max(b, o) for b, o in zip(box_offset, offset)]
+    hi = [min(b + n, o + m) for b, n, o, m in zip(box_offset, dest.shape, offset, spec.shape)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return None  # no overlap (or nothing in it)
+    in_piece = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
+    in_dest = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, box_offset))
+    size = spec.dtype.itemsize
+    first = int(np.ravel_multi_index([s.start for s in in_piece], spec.shape)) * size
+    last = (int(np.ravel_multi_index([s.stop - 1 for s in in_piece], spec.shape)) + 1) * size
+    start, chosen, begin = 0, [], None
+    for i, chunk in enumerate(spec.chunks):
+        if start < last and start + chunk.raw_len > first:
+            begin = start if begin is None else begin
+            chosen.append(i)
+        start += chunk.raw_len
+    if not chosen:
+        return None
+    whole = np.empty(math.prod(spec.shape), spec.dtype)  # pages never read stay unallocated
+    count = sum(spec.chunks[i].raw_len for i in chosen) // size
+    part = dataclasses.replace(spec, shape=(count,),
+                               chunks=tuple(spec.chunks[i] for i in chosen))
+    plan.specs.append(part)
+    plan.destinations.append(whole[begin // size:begin // size + count])
+    plan.parts[id(part)] = (plan.manifest.arrays.index(spec), chosen[0], len(chosen))
+
+    def copy() -> None:
+        dest[in_dest] = whole.reshape(spec.shape)[in_piece]
+    return copy
+
+
+def check_pieces(path: str, shape: tuple[int, ...],
+                 pieces: list[tuple[ArraySpec, tuple[int, ...]]]) -> None:
+    """The saved pieces of a sharded value must tile its shape exactly, in one dtype."""
+    problem = None
+    if len({spec.dtype for spec, _ in pieces}) > 1:
+        problem = "its pieces have different dtypes"
+    elif sum(math.prod(spec.shape) for spec, _ in pieces) != math.prod(shape):
+        problem = "its pieces do not add up to the whole"
+    elif len(pieces) <= 4096:
+        boxes = [(o, tuple(a + n for a, n in zip(o, spec.shape))) for spec, o in pieces
+                 if math.prod(spec.shape)]
+        for i, (lo1, hi1) in enumerate(boxes):
+            for lo2, hi2 in boxes[i + 1:]:
+                if all(max(a, c) < min(b, d) for a, b, c, d in zip(lo1, hi1, lo2, hi2)):
+                    problem = "two of its pieces overlap"
+    if problem:
+        raise CorruptCheckpointError(f"{path}: the sharded value of shape {list(shape)} "
+                                     f"cannot be rebuilt: {problem}; restore another checkpoint")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_tensor", "is_torch_object", "host_view", "numpy_dtype", "can_hold", "fresh_tensor",
+__all__ = ["is_tensor", "is_dtensor", "dtensor_layout", "is_torch_object", "host_view", "numpy_dtype", "can_hold", "fresh_tensor",
            "copy_to_device", "register_host_memory", "cuda_snapshot"]
 
 _BITS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
@@ -32,6 +32,38 @@ def _torch() -> Any:
 def is_tensor(value: object) -> bool:
     torch = _torch()
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+def is_dtensor(value: object) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def dtensor_layout(value: Any, path: str) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """A DTensor's global shape, the global offset of this rank's local shard, and whether
+    this rank writes that shard (of ranks holding the same shard through ``Replicate``
+    placements, only the one at mesh coordinate 0 along those mesh dimensions does)."""
+    from torch.distributed.tensor import Partial, Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    placements = tuple(value.placements)
+    if any(isinstance(p, Partial) for p in placements):
+        raise ValueError(f"{path}: this DTensor has a Partial placement (values not reduced "
+                         f"yet); call .redistribute() to Shard/Replicate placements first")
+    mesh = value.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise ValueError(f"{path}: this rank is not in the DTensor's device mesh")
+    _, offset = compute_local_shape_and_global_offset(value.shape, mesh, placements)
+    writes = all(c == 0 for c, p in zip(coordinate, placements) if isinstance(p, Replicate))
+    return tuple(value.shape), tuple(int(o) for o in offset), writes
+
+
+def dtensor_local(value: Any) -> tuple[Any, tuple[int, ...]]:
+    """A DTensor target's local shard (restored in place) and its global offset."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh,
+                                                      tuple(value.placements))
+    return value.to_local(), tuple(int(o) for o in offset)
 
 
 def is_torch_object(value: object) -> bool:

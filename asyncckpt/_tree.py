@@ -6,6 +6,7 @@ See docs/format.md ("Nodes", "Key paths") for the encoding. No I/O here.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from . import _jax, _torch
 
 __all__ = [
     "ArrayLeaf", "flatten", "escape_segment", "join_path", "dtype_to_str", "str_to_dtype",
-    "decode_scalar", "has_state_dict", "node_to_value", "MAX_DEPTH", "INT_KEY_MIN",
+    "decode_scalar", "has_state_dict", "node_to_value", "dtensor_pieces", "MAX_DEPTH", "INT_KEY_MIN",
     "INT_KEY_MAX", "check_code_points",
 ]
 
@@ -54,6 +55,7 @@ class ArrayLeaf:
     dtype: np.dtype
     shape: tuple[int, ...]
     device: Any = None
+    sharded: bool = False   # one rank's piece of a DTensor
 
     @property
     def nbytes(self) -> int:
@@ -121,9 +123,11 @@ def str_to_dtype(text: object) -> np.dtype:
         raise ValueError(f"unknown dtype {text!r} ({exc})") from exc
 
 
-def flatten(name: str, value: Any) -> tuple[dict[str, Any], list[ArrayLeaf]]:
-    """Encode one tracked value as a manifest node; arrays are collected, not copied."""
-    arrays: list[ArrayLeaf] = []
+def flatten(name: str, value: Any, arrays: list[ArrayLeaf] | None = None
+            ) -> tuple[dict[str, Any], list[ArrayLeaf]]:
+    """Encode one tracked value as a manifest node; arrays are collected (appended to
+    ``arrays``, which node indices count into), not copied."""
+    arrays = [] if arrays is None else arrays
     node = _encode(value, name, arrays, 0, set())
     return node, arrays
 
@@ -143,6 +147,14 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
         _jax.start_host_copy(value)
         arrays.append(ArrayLeaf(path, None, dtype, tuple(value.shape), device=value))
         return {"t": "array", "index": len(arrays) - 1}
+    if _torch.is_dtensor(value):  # a Tensor subclass: before plain tensors
+        shape, offset, writes = _torch.dtensor_layout(value, path)
+        pieces = []
+        if writes:
+            piece = _encode(value.to_local(), path, arrays, depth, active)
+            arrays[-1] = dataclasses.replace(arrays[-1], sharded=True)
+            pieces.append([piece["index"], list(offset)])
+        return {"t": "dtensor", "shape": list(shape), "pieces": pieces}
     if _torch.is_tensor(value):
         if value.device.type == "cpu":
             host = _torch.host_view(value, path)
@@ -248,17 +260,54 @@ def check_code_points(array: np.ndarray) -> None:
             raise ValueError("a string holds a code point above U+10FFFF")
 
 
-def node_to_value(node: dict[str, Any], array_at: Callable[[int], np.ndarray]) -> Any:
-    """Rebuild a fresh value from a validated node (``state`` nodes become their dicts)."""
+def node_to_value(node: dict[str, Any], array_at: Callable[[int], np.ndarray],
+                  whole: Callable[[str, dict[str, Any]], Any] | None = None, path: str = ""
+                  ) -> Any:
+    """Rebuild a fresh value from a validated node (``state`` nodes become their dicts;
+    ``whole(path, node)`` assembles a DTensor from its pieces)."""
     kind = node["t"]
     if kind == "dict":
-        return {key: node_to_value(child, array_at) for key, child in node["items"]}
-    if kind == "list":
-        return [node_to_value(child, array_at) for child in node["items"]]
-    if kind == "tuple":
-        return tuple(node_to_value(child, array_at) for child in node["items"])
+        return {key: node_to_value(child, array_at, whole, join_path(path, key))
+                for key, child in node["items"]}
+    if kind in ("list", "tuple"):
+        items = [node_to_value(child, array_at, whole, join_path(path, i))
+                 for i, child in enumerate(node["items"])]
+        return items if kind == "list" else tuple(items)
     if kind == "state":
-        return node_to_value(node["value"], array_at)
+        return node_to_value(node["value"], array_at, whole, path)
     if kind == "array":
         return array_at(node["index"])
+    if kind == "dtensor":
+        if whole is None:
+            raise ValueError(f"{path}: a sharded (DTensor) value needs its pieces to load")
+        return whole(path, node)
     return decode_scalar(node)
+
+
+Piece = tuple[int, tuple[int, ...]]   # array index, global offset
+
+
+def dtensor_pieces(trees: list[dict[str, Any]]) -> dict[str, list[Piece]]:
+    """Every written piece of every sharded (DTensor) value, by key path, over all ranks'
+    trees (a piece two ranks both list is listed once)."""
+    found: dict[str, dict[tuple[int, ...], int]] = {}
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        kind = node["t"]
+        if kind == "dict":
+            for key, child in node["items"]:
+                walk(child, join_path(path, key))
+        elif kind in ("list", "tuple"):
+            for i, child in enumerate(node["items"]):
+                walk(child, join_path(path, i))
+        elif kind == "state":
+            walk(node["value"], path)
+        elif kind == "dtensor":
+            pieces = found.setdefault(path, {})
+            for index, offset in node["pieces"]:
+                pieces.setdefault(tuple(offset), index)
+    for tree in trees:
+        for name, node in tree.items():
+            walk(node, name)
+    return {path: [(index, offset) for offset, index in pieces.items()]
+            for path, pieces in found.items()}

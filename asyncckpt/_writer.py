@@ -54,6 +54,7 @@ class Snapshot:
     snapshot_seconds: float
     page_locked: bool
     digests: dict[str, str] | None = None  # replicated key path -> checksum (debug check)
+    sharded: frozenset[int] = frozenset()  # indices of arrays that are DTensor pieces
 
     def release(self) -> None:
         if self.arena is not None:
@@ -115,10 +116,7 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
     nodes: dict[str, Any] = {}
     leaves: list[_tree.ArrayLeaf] = []
     for name, value in values.items():
-        node, found = _tree.flatten(name, value)
-        _renumber(node, len(leaves))
-        nodes[name] = node
-        leaves.extend(found)
+        nodes[name], _ = _tree.flatten(name, value, leaves)
     all_leaves = leaves
     if stage is not None:
         keep = stage(leaves)
@@ -153,22 +151,8 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
     arrays = [(leaf.path, leaf.dtype, leaf.shape, where.get(id(leaf), -1)) for leaf in all_leaves]
     return Snapshot(save_counter, nodes, arrays, arena, pool, sum(a.nbytes for a in leaves),
                     started, time.perf_counter() - started,
-                    arena.page_locked if arena is not None else options.page_lock)
-
-
-def _renumber(node: Any, base: int) -> None:
-    if not base:
-        return
-    if node["t"] == "array":
-        node["index"] += base
-    elif node["t"] == "state":
-        _renumber(node["value"], base)
-    elif node["t"] in ("list", "tuple"):
-        for child in node["items"]:
-            _renumber(child, base)
-    elif node["t"] == "dict":
-        for _, child in node["items"]:
-            _renumber(child, base)
+                    arena.page_locked if arena is not None else options.page_lock,
+                    sharded=frozenset(i for i, a in enumerate(all_leaves) if a.sharded))
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,66 @@ async def io_failures():
     emit(first=first, latest=latest, error=error)
 
 
+def dtensors(version):
+    """Sharded values (and their whole contents) on a 1-D mesh over every rank."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    rng = np.random.default_rng(version)
+    whole = {"big": torch.from_numpy(rng.standard_normal((256, 1024), dtype=np.float32)),
+             "rows": torch.arange(13 * 7, dtype=torch.float32).reshape(13, 7) + version,
+             "cols": torch.arange(5 * 9).reshape(5, 9).to(torch.bfloat16) + version}
+    whole["rep"] = whole["rows"] * 2
+    placements = {"big": Shard(0), "rows": Shard(0), "cols": Shard(1), "rep": Replicate()}
+    return {k: distribute_tensor(v, mesh, [placements[k]]) for k, v in whole.items()}, whole
+
+
+async def dtensor_save():
+    values, _ = dtensors(1)
+    opts = ac.CheckpointOptions(coordination_timeout=20.0, chunk_bytes=64 << 10)
+    ckpt = ac.Checkpoint(model=values, own=np.full(3, rank), replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=3, options=opts) as mgr:
+        await mgr.save()
+        emit(latest=mgr.latest_checkpoint)
+
+
+async def dtensor_reshard():
+    """Restore what another world size saved into this world's shards, then save again."""
+    values, _ = dtensors(0)
+    _, expected = dtensors(1)
+    read = [0]
+    real = _fs.pread_into
+    def counting(fd, buffer, offset):
+        read[0] += memoryview(buffer).nbytes
+        return real(fd, buffer, offset)
+    _fs.pread_into = counting
+    opts = ac.CheckpointOptions(coordination_timeout=20.0, chunk_bytes=64 << 10)
+    ckpt = ac.Checkpoint(model=values, own=np.full(3, rank), replicated=["model/**"])
+    mgr = ac.CheckpointManager(ckpt, directory, max_to_keep=3, options=opts)
+    restored = await mgr.restore_or_initialize()
+    local_big = values["big"].to_local()
+    same = {k: bool(torch.equal(v.full_tensor(), expected[k])) for k, v in values.items()}
+    emit_later = dict(restored=restored, same=same, read=read[0],
+                      in_place=values["big"].to_local().data_ptr() == local_big.data_ptr())
+    # Again through an I/O rank: the others ask it for exactly their chunks.
+    for v in values.values():
+        v.to_local().zero_()
+    io = ac.CheckpointOptions(coordination_timeout=20.0, experimental_io_device=world - 1)
+    (await ckpt.restore(restored, io)).expect_partial()
+    emit_later["same_io"] = {k: bool(torch.equal(v.full_tensor(), expected[k]))
+                             for k, v in values.items()}
+    ckpt.model = dtensors(2)[0]
+    await mgr.save()
+    emit(latest=mgr.latest_checkpoint, **emit_later)
+
+
+async def dtensor_one():
+    values, _ = dtensors(0)
+    _, expected = dtensors(2)
+    ckpt = ac.Checkpoint(model=values)
+    (await ckpt.restore(ac.latest_checkpoint(directory))).expect_partial()
+    emit(same={k: bool(torch.equal(v.full_tensor(), expected[k])) for k, v in values.items()})
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -204,5 +264,7 @@ else:
     anyio.run({"roundtrip": roundtrip, "wrong_order": wrong_order, "rank_fails": rank_fails,
                "rank_dies": rank_dies,
                "replicated_differ": replicated_differ, "io_device": io_device,
-               "io_dies": io_failures, "io_eio": io_failures}[scenario], backend="asyncio")
+               "io_dies": io_failures, "io_eio": io_failures,
+               "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
+               "dtensor_one": dtensor_one}[scenario], backend="asyncio")
 dist.destroy_process_group()

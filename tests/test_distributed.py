@@ -137,6 +137,61 @@ def test_io_device_failures_commit_nothing(tmp_path, scenario):
     assert not any("asyncckpt-tmp" in e for e in os.listdir(tmp_path / "ckpts"))
 
 
+def test_dtensors_reshard_from_2_to_4_to_1_ranks(tmp_path):
+    import torch
+    saved = run_ranks("dtensor_save", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in saved), [r["err"] for r in saved]
+    first = saved[0]["latest"]
+    # Pieces are stored once: the replicated DTensor by one rank, the shards by their owners.
+    tree = asyncio_run_load(first)
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((256, 1024), dtype=np.float32)
+    rows = np.arange(13 * 7, dtype=np.float32).reshape(13, 7) + 1
+    assert np.array_equal(tree["model"]["big"], big)
+    assert np.array_equal(tree["model"]["rows"], rows)
+    assert np.array_equal(tree["model"]["rep"], rows * 2)
+    assert str(tree["model"]["cols"].dtype) == "bfloat16"
+    assert tree["rank/1"]["own"].tolist() == [1, 1, 1]
+    from asyncckpt import _reader, _tree
+    import anyio
+    manifest = anyio.run(_reader.read_manifest, first, backend="asyncio")
+    pieces = _tree.dtensor_pieces(list(manifest.ranks))
+    assert {k: len(v) for k, v in pieces.items()} == {
+        "model/big": 2, "model/rows": 2, "model/cols": 2, "model/rep": 1}
+    # 4 ranks restore the 2-rank checkpoint into their own shards, reading only what they need.
+    resharded = run_ranks("dtensor_reshard", 4, tmp_path)
+    assert all(r["rc"] == 0 for r in resharded), [r["err"] for r in resharded]
+    for r in resharded:
+        assert r["restored"] == first and r["in_place"], r
+        assert all(r["same"].values()) and all(r["same_io"].values()), r
+        # a quarter of "big" (its chunks are 64 KiB) and the small values; not half or all
+        assert big.nbytes / 4 <= r["read"] < big.nbytes * 0.3, r["read"]
+    latest = resharded[0]["latest"]
+    # ... and one plain process restores the 4-rank checkpoint whole, into numpy and torch.
+    again = np.random.default_rng(2).standard_normal((256, 1024), dtype=np.float32)
+    target = {"big": np.zeros((256, 1024), np.float32), "rows": torch.zeros(13, 7),
+              "cols": torch.zeros(5, 9, dtype=torch.bfloat16), "rep": np.zeros((13, 7), np.float32)}
+    status = asyncio_run_restore(ac.Checkpoint(model=target), latest)
+    status.assert_consumed()  # rank-local values of another world size are not offered
+    one = run_ranks("dtensor_one", 1, tmp_path)  # and a 1-rank mesh, into its DTensors
+    assert one[0]["rc"] == 0 and all(one[0]["same"].values()), one[0]
+    assert np.array_equal(target["big"], again)
+    assert torch.equal(target["rows"], torch.from_numpy(rows + 1))
+    assert torch.equal(target["cols"],
+                       torch.arange(5 * 9).reshape(5, 9).to(torch.bfloat16) + 2)
+    assert np.array_equal(target["rep"], (rows + 1) * 2)
+
+
+def asyncio_run_load(path):
+    import anyio
+    return anyio.run(ac.load, path, backend="asyncio")
+
+
+def asyncio_run_restore(ckpt, path):
+    import anyio
+    return anyio.run(ckpt.restore, path, backend="asyncio")
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])

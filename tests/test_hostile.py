@@ -1280,3 +1280,38 @@ def test_fuzz_chunk_contents_behind_a_good_checksum(bases, work, which, pick, op
     files[chunk["file"]] = shard + stored
     files["manifest.json"] = seal(json.dumps(doc).encode())
     check(base, files, CONSISTENT, work)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded (DTensor) nodes
+
+def _as_dtensor(saved: str, **node: Any) -> None:
+    """Turn model/w (30 x 100) into a dtensor node holding it as its only piece."""
+    def mutate(doc: dict) -> None:
+        items = doc["values"]["model"]["items"]
+        key, array = next(item for item in items if item[0] == "w")
+        whole = {"t": "dtensor", "shape": [30, 100], "pieces": [[array["index"], [0, 0]]]}
+        whole.update(node)
+        items[[k for k, _ in items].index("w")][1] = whole
+    rewrite(saved, mutate)
+
+
+def test_a_dtensor_node_with_one_whole_piece_loads(saved):
+    _as_dtensor(saved)
+    assert np.array_equal(load(saved)["model"]["w"], mixed_state()["model"]["w"])
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"shape": [60, 100]}, "do not add up"),
+    ({"shape": [30, 100, 1]}, "dtensor piece"),
+    ({"pieces": [[0, [1, 0]]]}, "does not fit|referenced twice|key path"),
+    ({"pieces": [[-1, [0, 0]]]}, "dtensor piece"),
+    ({"pieces": [[0, [0]]]}, "dtensor piece"),
+    ({"pieces": [[0, [0, 0]], [1, [0, 0]]]}, "dtensor node"),
+    ({"shape": [1 << 40, 1 << 40]}, "dtensor node"),
+    ({"shape": "30x100"}, "dtensor node"),
+    ({"extra": 1}, "dtensor node"),
+])
+def test_bad_dtensor_nodes(saved, node, message):
+    _as_dtensor(saved, **node)
+    assert_corrupt(saved, message)
