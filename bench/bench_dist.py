@@ -11,7 +11,9 @@ and an "optimizer" part that is rank-local (a ZeRO shard: different values on ev
 per rank for DCP). The same tensor objects are saved by every system:
 
   * asyncckpt, default options: blocking = ``await mgr.start_save()``, durable = until
-    ``handle.wait()`` returns (committed, files and directories fsynced);
+    ``handle.wait()`` returns (committed, files and directories fsynced); ``max_to_keep=None``
+    and each checkpoint deleted after it was measured, untimed, as DCP's are;
+  * the same with ``max_to_keep=1``: deleting the previous checkpoint is part of the save;
   * asyncckpt with ``experimental_io_device=0`` (one rank does the file I/O; reported as not
     available while it raises NotImplementedError);
   * DCP ``async_save``: plain (a fresh staging copy per save), with a reused ``DefaultStager``
@@ -55,6 +57,7 @@ MiB = 1 << 20
 COLS = 1024
 CONFIGS = {  # name -> label; the order of the tables
     "asyncckpt": "asyncckpt (default options)",
+    "asyncckpt_keep1": "asyncckpt, max_to_keep=1",
     "asyncckpt_io0": "asyncckpt, experimental_io_device=0",
     "dcp_async": "DCP async_save (plain)",
     "dcp_async_stager": "DCP async_save + reused DefaultStager",
@@ -117,13 +120,15 @@ async def child(args: argparse.Namespace, rank: int, world: int, base: str) -> N
                                       for n in CONFIGS}
 
     async with contextlib.AsyncExitStack() as stack:
-        # One Checkpoint for both managers: Checkpoint objects count their collective saves
+        # One Checkpoint for every manager: Checkpoint objects count their collective saves
         # separately and name the store keys by that count, so two of them would collide.
         ckpt = ac.Checkpoint(model=model, optimizer=local, replicated=["model/**"])
         mgrs = {}
+        keep = {"asyncckpt": None, "asyncckpt_keep1": 1, "asyncckpt_io0": None}
         for name, opts in (("asyncckpt", ac.CheckpointOptions()),
+                           ("asyncckpt_keep1", ac.CheckpointOptions()),
                            ("asyncckpt_io0", ac.CheckpointOptions(experimental_io_device=0))):
-            mgr = ac.CheckpointManager(ckpt, os.path.join(base, name), max_to_keep=1,
+            mgr = ac.CheckpointManager(ckpt, os.path.join(base, name), max_to_keep=keep[name],
                                        options=opts)
             try:
                 mgrs[name] = await stack.enter_async_context(mgr)
@@ -181,7 +186,7 @@ async def child(args: argparse.Namespace, rank: int, world: int, base: str) -> N
                 if rank == 0:
                     if i:
                         r["stored"].append(dir_bytes(path))
-                    if name not in mgrs:
+                    if keep.get(name) is None:  # untimed, as DCP's; max_to_keep=1: timed
                         shutil.rmtree(path)
                 with torch.no_grad():                     # a "training step": change the state
                     for t in [*model.values(), *local.values()]:
