@@ -16,6 +16,7 @@ names each rank that did not arrive.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 import sys
@@ -59,6 +60,9 @@ def assign_owners(sizes: list[tuple[str, int]], world: int) -> dict[str, int]:
     return owners
 
 
+_NAMESPACES: dict[str, Any] = {}  # process group -> how many checkpoints used it
+
+
 class CoordinationError(SaveError):
     """Ranks did not meet within ``coordination_timeout`` (the message names them)."""
 
@@ -71,7 +75,7 @@ class Coordinator:
     world: int
     store: Any
     timeout: float
-    counter: list[int]
+    counter: list[Any]
     io_rank: int | None = None   # the one rank that touches the filesystem (None: all do)
     channel: Any = None          # its byte streams (a ``_transport.Channel``) when io_rank is set
 
@@ -85,8 +89,12 @@ class Coordinator:
         return self.io_rank is None or self.rank == self.io_rank
 
     @classmethod
-    def current(cls, process_group: Any, timeout: float, counter: list[int]
+    def current(cls, process_group: Any, timeout: float, counter: list[Any]
                 ) -> Coordinator | None:
+        """The ranks of ``process_group`` (None: the default group), or None in a single
+        process. ``counter`` is the checkpoint's ``[namespace, operations so far]``; the
+        namespace is drawn on its first collective use (the same draw on every rank, as
+        every rank makes the same calls), so two checkpoints never read each other's keys."""
         dist = sys.modules.get("torch.distributed")
         if dist is None or not dist.is_available() or not dist.is_initialized():
             return None
@@ -95,12 +103,17 @@ class Coordinator:
             return None
         from torch.distributed import distributed_c10d as c10d
         store = c10d._get_default_store()
+        if counter[0] is None:
+            group = "default" if process_group is None else str(
+                getattr(process_group, "group_name", "") or id(process_group))
+            number = next(_NAMESPACES.setdefault(group, itertools.count()))
+            counter[0] = f"asyncckpt/{group}/{number}"
         return cls(dist.get_rank(process_group), world, store, timeout, counter)
 
     def next_key(self) -> str:
         """A namespace for the next collective save; every rank must call in the same order."""
-        self.counter[0] += 1
-        return f"asyncckpt/{self.counter[0]}"
+        self.counter[1] += 1
+        return f"{self.counter[0]}/{self.counter[1]}"
 
     async def put(self, key: str, payload: Any) -> None:
         data = json.dumps(payload).encode()

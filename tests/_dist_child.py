@@ -248,6 +248,21 @@ async def dtensor_one():
     emit(same={k: bool(torch.equal(v.full_tensor(), expected[k])) for k, v in values.items()})
 
 
+async def two_checkpoints():
+    """Two checkpoints (say, model and data loader) saved by their own managers in turn."""
+    a = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
+    b = ac.Checkpoint(loader=np.full(10, rank))
+    paths = []
+    async with ac.CheckpointManager(a, os.path.join(directory, "a"), max_to_keep=1,
+                                    options=OPTS) as ma, \
+            ac.CheckpointManager(b, os.path.join(directory, "b"), max_to_keep=1,
+                                 options=OPTS) as mb:
+        for _ in range(2):
+            paths.append(await ma.save())
+            paths.append(await mb.save())
+    emit(paths=paths)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -266,5 +281,5 @@ else:
                "replicated_differ": replicated_differ, "io_device": io_device,
                "io_dies": io_failures, "io_eio": io_failures,
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
-               "dtensor_one": dtensor_one}[scenario], backend="asyncio")
+               "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints}[scenario], backend="asyncio")
 dist.destroy_process_group()

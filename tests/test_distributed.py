@@ -192,6 +192,14 @@ def asyncio_run_restore(ckpt, path):
     return anyio.run(ckpt.restore, path, backend="asyncio")
 
 
+def test_two_checkpoints_keep_their_coordination_apart(tmp_path):
+    results = run_ranks("two_checkpoints", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    assert results[0]["paths"] == results[1]["paths"]
+    assert [os.path.basename(p) for p in results[0]["paths"]] == ["ckpt-1", "ckpt-1",
+                                                                  "ckpt-2", "ckpt-2"]
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])
