@@ -263,6 +263,44 @@ async def two_checkpoints():
     emit(paths=paths)
 
 
+async def commit_crash():
+    """Rank 0 (the committing rank) is killed at the k-th filesystem call after it gathered
+    every rank's report for the second save (k = -1: count those calls, crash nowhere)."""
+    from asyncckpt import _dist
+    k = int(scenario.split(":")[1])
+    calls, armed = [], [False]
+    if rank == 0:
+        real_gather = _dist.Coordinator.gather
+        async def gather(self, key, payload, what):
+            out = await real_gather(self, key, payload, what)
+            armed[0] = step[()] == 2
+            return out
+        _dist.Coordinator.gather = gather
+        for name, fn in list(vars(_fs).items()):
+            if callable(fn) and getattr(fn, "__module__", "") == _fs.__name__ \
+                    and not name.startswith("_"):
+                def spy(*args, _fn=fn, _name=name, **kw):
+                    if armed[0]:
+                        if len(calls) == k:
+                            os._exit(9)
+                        calls.append(_name)
+                    return _fn(*args, **kw)
+                setattr(_fs, name, spy)
+    step = np.array(0)
+    opts = ac.CheckpointOptions(coordination_timeout=3.0)
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
+    error = None
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=1, options=opts) as mgr:
+        for i in (1, 2):
+            step[...] = i
+            ckpt.optimizer = local(i)
+            try:
+                await mgr.save()
+            except ac.SaveError as exc:
+                error = str(exc)
+    emit(calls=calls, error=error)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -275,11 +313,14 @@ def sync_manager():
 
 if scenario == "sync":
     sync_manager()
+elif scenario.startswith("commit_crash:"):
+    anyio.run(commit_crash, backend="asyncio")
 else:
     anyio.run({"roundtrip": roundtrip, "wrong_order": wrong_order, "rank_fails": rank_fails,
                "rank_dies": rank_dies,
                "replicated_differ": replicated_differ, "io_device": io_device,
                "io_dies": io_failures, "io_eio": io_failures,
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
-               "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints}[scenario], backend="asyncio")
+               "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints}[scenario],
+              backend="asyncio")
 dist.destroy_process_group()

@@ -200,6 +200,63 @@ def test_two_checkpoints_keep_their_coordination_apart(tmp_path):
                                                                   "ckpt-2", "ckpt-2"]
 
 
+CRITICAL = ("fsync", "fsync_dir", "rename", "replace", "exchange", "write_all", "remove_tree",
+            "unlink")
+
+
+def _crash_points(calls: list[str], exhaustive: bool) -> list[int]:
+    if exhaustive:
+        return list(range(len(calls) + 1))
+    critical = [k for k, name in enumerate(calls) if name in CRITICAL]
+    step = max(1, len(critical) // 7)
+    return sorted(set(critical[::step] + [critical[-1], len(calls)]))
+
+
+async def _check_after_crash(directory, k: int) -> None:
+    """Old or new state, complete; and a new manager leaves no residue behind."""
+    latest = ac.latest_checkpoint(directory)
+    assert latest is not None and os.path.basename(latest) in ("ckpt-1", "ckpt-2"), (k, latest)
+    number = int(latest.rsplit("-", 1)[1])
+    tree = await ac.load(latest)
+    for rank in range(2):
+        assert int(tree[f"rank/{rank}"]["step"]) == number, k
+        assert tree[f"rank/{rank}"]["optimizer"]["m"][0] == rank * 100 + number, k
+    async with ac.CheckpointManager(ac.Checkpoint(), directory, max_to_keep=1) as manager:
+        assert manager.latest_checkpoint == latest, k
+    left = os.listdir(directory)
+    marks = (".asyncckpt-tmp-", ".asyncckpt-deleting-", ".asyncckpt-old-", ".asyncckpt-retire")
+    assert not [e for e in left if any(m in e for m in marks)], (k, left)
+    for entry in left:
+        if entry.startswith("ckpt-"):
+            await ac.load(os.path.join(directory, entry))  # complete, or it would not be there
+
+
+@pytest.mark.parametrize("exhaustive", [
+    False, pytest.param(True, marks=pytest.mark.slow)], ids=["sampled", "every-call"])
+async def test_killing_the_committing_rank_at_each_commit_step(tmp_path, exhaustive):
+    """kill -9 of rank 0 at filesystem calls of its commit (from the gather of every rank's
+    report to the end of retirement), over a directory holding one committed checkpoint."""
+    import concurrent.futures
+    (tmp_path / "count").mkdir()
+    counted = run_ranks("commit_crash:-1", 2, tmp_path / "count")
+    assert all(r["rc"] == 0 and r["error"] is None for r in counted), counted
+    calls = counted[0]["calls"]
+    assert "fsync" in calls and "rename" in calls and "remove_tree" in calls, calls
+    points = _crash_points(calls, exhaustive)
+
+    def crash(k: int) -> tuple[int, list[dict]]:
+        base = tmp_path / f"k{k}"
+        base.mkdir()
+        return k, run_ranks(f"commit_crash:{k}", 2, base)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(crash, points))
+    for k, (killed, survivor) in runs:
+        if k < len(calls):
+            assert killed["rc"] == 9, (k, killed["err"])
+            assert survivor["rc"] == 0 and "rank 0" in survivor["error"], (k, survivor)
+        await _check_after_crash(tmp_path / f"k{k}" / "ckpts", k)
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])
