@@ -26,7 +26,8 @@ from ._state_file import CheckpointState, decode_state, encode_state, is_safe_re
 __all__ = [
     "STATE_NAME", "read_state_sync", "read_state", "write_state", "write_state_sync",
     "state_for_paths",
-    "read_owner", "write_owner", "write_retire", "clear_retire", "retire", "clean_residue",
+    "read_owner", "write_owner", "write_retire", "clear_retire", "retire", "mark_deleted",
+    "remove", "clean_residue",
     "commit_lock", "list_numbered",
 ]
 
@@ -149,6 +150,13 @@ def _write_sync(path: str, data: bytes, sync: bool) -> None:
 
 def retire(directory: str, paths: list[str], *, sync: bool) -> None:
     """Rename each path to a marked-for-deletion name, make that durable, then delete."""
+    remove(mark_deleted(directory, paths, sync=sync))
+
+
+def mark_deleted(directory: str, paths: list[str], *, sync: bool) -> list[str]:
+    """Rename each path to a marked-for-deletion name and make that durable: from then on it
+    is gone under its own name, and a crash leaves only a name the next manager removes.
+    Returns the marked paths, for :func:`remove`."""
     doomed = []
     for path in paths:
         if _fs.is_dir(path):
@@ -157,8 +165,13 @@ def retire(directory: str, paths: list[str], *, sync: bool) -> None:
             doomed.append(marked)
     if doomed and sync:
         _fs.fsync_dir(directory)
-    for marked in doomed:
-        _fs.remove_tree(marked)
+    return doomed
+
+
+def remove(marked: list[str]) -> None:
+    """Delete directories :func:`mark_deleted` renamed."""
+    for path in marked:
+        _fs.remove_tree(path)
 
 
 def clean_residue(directory: str, state: CheckpointState | None, *, sync: bool) -> None:

@@ -29,6 +29,7 @@ class SaveHandle:
         self._options = options
         self._ticket = ticket
         self._finished = anyio.Event()
+        self._durable = anyio.Event()   # committed (or failed); retired files may remain
         self._error: BaseException | None = None
         self._reported = False
 
@@ -38,17 +39,21 @@ class SaveHandle:
 
     def done(self) -> bool:
         """True once the save committed or failed. Never blocks."""
-        return self._finished.is_set()
+        return self._durable.is_set()
 
     async def wait(self) -> str:
-        """Wait until the save is durable and committed (retention applied); return its path.
+        """Wait until the save is durable and committed, with retention applied (checkpoints
+        it retires are gone under their names; their files are deleted in the background,
+        before the next commit); return its path.
 
-        Raises the save's error (a ``SaveError`` keeping its cause).
+        Raises the save's error (a ``SaveError`` keeping its cause). An error deleting the
+        retired files after this returned is raised by the manager's next save, wait or close.
 
         Cancellation: only this wait stops; the save goes on in the background.
         """
-        await self._finished.wait()
-        self._reported = True
+        await self._durable.wait()
+        if self._error is not None or self._finished.is_set():
+            self._reported = True
         if self._error is not None:
             raise self._error
         return self.path

@@ -191,8 +191,8 @@ class CheckpointManager:
         self._raise_unreported()
 
     def _raise_unreported(self) -> None:
-        pending = [h for h in self._handles if h.done()]
-        self._handles = [h for h in self._handles if not h.done()]
+        pending = [h for h in self._handles if h._finished.is_set()]
+        self._handles = [h for h in self._handles if not h._finished.is_set()]
         for handle in pending:
             if handle._error is not None and not handle._reported:
                 handle._reported = True
@@ -255,7 +255,10 @@ class CheckpointManager:
         """
         if self._task_group is not None:
             handle = await self.start_save(checkpoint_number, check_interval, options)
-            return None if handle is None else await handle.wait()
+            if handle is None:
+                return None
+            await handle._finished.wait()  # as TensorFlow: retired files gone on return
+            return await handle.wait()
         handle = await self._begin(checkpoint_number, check_interval, options)
         if handle is None:
             return None
@@ -293,11 +296,13 @@ class CheckpointManager:
                 metrics, staged = await self._checkpoint._write_snapshot(
                     handle._snapshot, handle.path, handle._options, publish=False)
                 async with self._sequencer.turn(handle._ticket):
-                    await anyio.to_thread.run_sync(self._commit, staged, handle.path,
-                                                   handle._options)
+                    marked = await anyio.to_thread.run_sync(self._commit, staged, handle.path,
+                                                            handle._options)
                 staged = None
                 handle.metrics = dataclasses.replace(
                     metrics, total_seconds=_writer.seconds_since(started))
+                handle._durable.set()
+                await self._remove(handle, marked)
             except Exception as exc:
                 cause = first_error(exc)
                 handle._set_error(cause if isinstance(cause, SaveError) else SaveError(
@@ -311,6 +316,7 @@ class CheckpointManager:
                     handle._snapshot.release()
                     handle._snapshot = None
                 self._sequencer.done(handle._ticket)
+                handle._durable.set()
                 handle._finished.set()
 
     async def _finish_collective(self, coord: Any, handle: SaveHandle) -> None:
@@ -319,8 +325,11 @@ class CheckpointManager:
         snap = handle._snapshot
         assert snap is not None
 
+        marked: list[str] = []
+
         async def commit(staged: str) -> dict[str, Any]:
-            await anyio.to_thread.run_sync(self._commit, staged, handle.path, handle._options)
+            marked.extend(await anyio.to_thread.run_sync(self._commit, staged, handle.path,
+                                                         handle._options))
             return _view_of(self._managed)
 
         async with self._sequencer.turn(handle._ticket):
@@ -330,9 +339,25 @@ class CheckpointManager:
         if coord.rank != coord.committer:
             self._managed = _managed_from(view)
         handle.metrics = metrics
+        handle._durable.set()
+        await self._remove(handle, marked)
 
-    def _commit(self, staged: str, path: str, options: CheckpointOptions) -> None:
-        """The commit (a worker thread, one at a time, in save order).
+    async def _remove(self, handle: SaveHandle, marked: list[str]) -> None:
+        """Delete the checkpoints a commit retired (already renamed away), after the save
+        is acknowledged: not part of its time to durable. A failure is the save's (late)
+        error; the next manager on the directory finishes the deletion."""
+        try:
+            await anyio.to_thread.run_sync(_directory.remove, marked)
+        except OSError as exc:
+            raise SaveError(
+                f"{handle.path} was committed and is the latest checkpoint, but deleting the "
+                f"checkpoints it retired failed: {explain(exc)}; the next CheckpointManager "
+                f"on {self._directory} finishes it") from exc
+
+    def _commit(self, staged: str, path: str, options: CheckpointOptions) -> list[str]:
+        """The commit (a worker thread, one at a time, in save order). Returns the retired
+        checkpoints' new (marked) names: their files are removed by :meth:`_remove`, after
+        the save is acknowledged and before the next commit.
 
         The retire list names the new checkpoint and the retired ones *before* anything
         moves: after a crash, whichever of them the state file does not name is removed by
@@ -370,8 +395,9 @@ class CheckpointManager:
         finally:
             _fs.unlock(fd)
         try:
-            _directory.retire(self._directory, doomed, sync=sync)
+            marked = _directory.mark_deleted(self._directory, doomed, sync=sync)
             _directory.clear_retire(self._directory)
+            return marked
         except OSError as exc:
             raise SaveError(
                 f"{path} was committed and is the latest checkpoint, but retiring "

@@ -302,3 +302,40 @@ def test_sync_manager_finishes_in_flight_saves_at_interpreter_exit(tmp_path):
     assert ac.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
     loaded = anyio.run(ac.load, str(tmp_path / "ckpt-1"))
     assert np.array_equal(loaded["w"], np.arange(1 << 20, dtype=np.float32))
+
+
+async def test_wait_returns_before_retired_files_are_deleted_and_a_late_error_surfaces(
+        tmp_path, monkeypatch):
+    """A background save is acknowledged once committed; deleting the checkpoint it retired
+    (already renamed away) follows, and a failure there reaches the next wait."""
+    release, entered = threading.Event(), threading.Event()
+    real = _fs.remove_tree
+
+    def blocked_then_failing(path):
+        entered.set()
+        release.wait()
+        raise OSError(errno.EIO, "Input/output error", path)
+    ckpt = ac.Checkpoint(**state())
+    async with ac.CheckpointManager(ckpt, tmp_path, max_to_keep=1) as manager:
+        first = await manager.save()
+        monkeypatch.setattr(_fs, "remove_tree", blocked_then_failing)
+        handle = await manager.start_save()
+        try:
+            with anyio.fail_after(20):  # would wait forever if it waited for the deletion
+                assert await handle.wait() == handle.path and handle.done()
+        finally:
+            timed_out = not handle.done()
+            if timed_out:
+                release.set()
+        assert not timed_out
+        assert not os.path.exists(first)  # gone under its name already
+        assert manager.checkpoints == [handle.path]
+        await anyio.to_thread.run_sync(entered.wait)
+        release.set()
+        with pytest.raises(ac.SaveError, match="deleting the checkpoints it retired failed"):
+            await manager.wait_until_finished()
+    monkeypatch.setattr(_fs, "remove_tree", real)
+    async with ac.CheckpointManager(ac.Checkpoint(**state()), tmp_path, max_to_keep=1) as m:
+        assert m.latest_checkpoint == handle.path
+    assert sorted(os.listdir(tmp_path)) == [".asyncckpt-lock", ".asyncckpt-owner", "checkpoint",
+                                            "ckpt-2"]
