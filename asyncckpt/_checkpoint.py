@@ -165,7 +165,8 @@ class Checkpoint:
         metrics = SaveMetrics(raw_bytes=snap.raw_bytes, stored_bytes=stored,
                               snapshot_seconds=snap.snapshot_seconds,
                               total_seconds=_writer.seconds_since(snap.started),
-                              page_locked=snap.page_locked)
+                              page_locked=snap.page_locked,
+                              device_staged=snap.device_staged)
         object.__setattr__(self, "last_save_metrics", metrics)
         return metrics, extra
 

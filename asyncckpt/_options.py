@@ -74,6 +74,13 @@ class CheckpointOptions:
         check_replicated: debug check that values matched by ``Checkpoint(replicated=...)``
             really are equal on every rank (each rank checksums them during its snapshot;
             a mismatch fails the save naming the key and the ranks).
+        device_staging: CUDA tensors are first copied, in one batched on-device copy, into
+            spare device memory, and the snapshot ends there: the caller may change its
+            tensors while the device-to-host copy into page-locked memory runs in the
+            background. Costs one extra device copy of the CUDA tensors' bytes per GPU while
+            that copy runs. When that much device memory is not free, the snapshot takes the
+            direct path (``SaveMetrics.device_staged`` is then False). No effect without CUDA
+            tensors.
     """
 
     experimental_io_device: str | int | None = None
@@ -89,6 +96,7 @@ class CheckpointOptions:
     low_priority_threads: bool = True
     coordination_timeout: float = 600.0
     check_replicated: bool = False
+    device_staging: bool = False
 
     def __post_init__(self) -> None:
         if (isinstance(self.coordination_timeout, bool)
@@ -109,7 +117,7 @@ class CheckpointOptions:
         if self.staging_budget_bytes is not None:
             _check_int("staging_budget_bytes", self.staging_budget_bytes, 1, 1 << 50)
         for name in ("adaptive_compression", "byte_shuffle", "fsync", "page_lock",
-                     "low_priority_threads", "check_replicated"):
+                     "low_priority_threads", "check_replicated", "device_staging"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -139,6 +147,8 @@ class SaveMetrics:
         total_seconds: from the call until the checkpoint was durable and published.
         page_locked: whether the staging buffers are page-locked.
         chunks: chunks written; compressed_chunks: of those, stored compressed.
+        device_staged: whether CUDA tensors went through spare device memory
+            (``CheckpointOptions(device_staging=True)``; False when it fell back).
     """
 
     raw_bytes: int
@@ -148,6 +158,7 @@ class SaveMetrics:
     page_locked: bool
     chunks: int = 0
     compressed_chunks: int = 0
+    device_staged: bool = False
 
     @property
     def compression_ratio(self) -> float:

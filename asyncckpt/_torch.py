@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["is_tensor", "is_dtensor", "dtensor_layout", "is_torch_object", "host_view", "numpy_dtype", "can_hold", "fresh_tensor",
-           "copy_to_device", "register_host_memory", "cuda_snapshot"]
+           "copy_to_device", "register_host_memory", "cuda_snapshot", "device_staged_snapshot"]
 
 _BITS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
          "float8_e4m3fnuz": "uint8", "float8_e5m2fnuz": "uint8", "float8_e8m0fnu": "uint8"}
@@ -151,6 +151,15 @@ def register_host_memory(arena: Any) -> None:
     arena.cuda_registered = int(rc) == 0
 
 
+def _host_tensor(dst: np.ndarray, dtype: Any) -> Any:
+    """A torch view of an arena view, with the tensor's own dtype."""
+    torch = _torch()
+    name = str(dtype).removeprefix("torch.")
+    if name in _BITS:
+        return torch.from_numpy(dst.view(_BITS[name])).view(dtype)
+    return torch.from_numpy(dst)
+
+
 def cuda_snapshot(jobs: list[tuple[np.ndarray, Any]]) -> Any:
     """Start device-to-host copies into arena views on a side stream; returns an event."""
     torch = _torch()
@@ -158,11 +167,71 @@ def cuda_snapshot(jobs: list[tuple[np.ndarray, Any]]) -> Any:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for dst, tensor in jobs:
-            name = str(tensor.dtype).removeprefix("torch.")
-            view = dst.view(_BITS[name]) if name in _BITS else dst
-            target = torch.from_numpy(view)
-            target = target.view(tensor.dtype) if name in _BITS else target
-            target.copy_(tensor.detach(), non_blocking=True)
+            _host_tensor(dst, tensor.dtype).copy_(tensor.detach(), non_blocking=True)
     event = torch.cuda.Event()
     event.record(stream)
     return event
+
+
+class DeviceStaged:
+    """A snapshot through spare device memory: ``copied`` completes after the on-device
+    copy (the caller may then change its tensors), ``finish()`` waits for the copies on to
+    the host and frees the device buffers."""
+
+    def __init__(self, copied: list[Any], done: list[Any], buffers: list[Any]) -> None:
+        self._copied, self._done, self._buffers = copied, done, buffers
+
+    def synchronize(self) -> None:
+        for event in self._copied:
+            event.synchronize()
+
+    def finish(self) -> None:
+        for event in self._done:
+            event.synchronize()
+        self._buffers.clear()
+
+
+_ALIGN = 256
+
+
+def device_staged_snapshot(jobs: list[tuple[np.ndarray, Any]]) -> DeviceStaged | None:
+    """Per GPU: one buffer in spare device memory, one batched on-device copy of every
+    tensor into it (``torch._foreach_copy_``) on a side stream, then device-to-host copies
+    from it into the arena on that stream. None (nothing started) when a GPU lacks the free
+    memory: the caller takes the direct path."""
+    torch = _torch()
+    groups: dict[Any, list[tuple[np.ndarray, Any]]] = {}
+    for dst, tensor in jobs:
+        groups.setdefault(tensor.device, []).append((dst, tensor))
+    sizes = {}
+    for device, group in groups.items():
+        sizes[device] = sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+                            for _, t in group)
+        free, _ = torch.cuda.mem_get_info(device)
+        if sizes[device] > free * 0.9:  # leave the training its headroom
+            return None
+    copied, done, buffers = [], [], []
+    for device, group in groups.items():
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            try:
+                flat = torch.empty(sizes[device], dtype=torch.uint8, device=device)
+            except torch.cuda.OutOfMemoryError:
+                for event in done:  # earlier GPUs already started: let them finish
+                    event.synchronize()
+                return None
+            views, offset = [], 0
+            for _, tensor in group:
+                n = tensor.numel() * tensor.element_size()
+                views.append(flat[offset:offset + n].view(tensor.dtype).view(tensor.shape))
+                offset += -(-n // _ALIGN) * _ALIGN
+            torch._foreach_copy_(views, [t.detach() for _, t in group])
+            copied.append(torch.cuda.Event())
+            copied[-1].record(stream)
+            for (dst, tensor), view in zip(group, views):
+                _host_tensor(dst, tensor.dtype).copy_(view, non_blocking=True)
+            done.append(torch.cuda.Event())
+            done[-1].record(stream)
+        buffers.append(flat)
+    return DeviceStaged(copied, done, buffers)

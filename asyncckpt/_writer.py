@@ -55,8 +55,20 @@ class Snapshot:
     page_locked: bool
     digests: dict[str, str] | None = None  # replicated key path -> checksum (debug check)
     sharded: frozenset[int] = frozenset()  # indices of arrays that are DTensor pieces
+    pending: Callable[[], None] | None = None  # blocking wait until the arena is filled
+    device_staged: bool = False
+
+    async def ready(self) -> None:
+        """Wait (in a thread) until the staged bytes are all in the arena: with device
+        staging the copies to the host run on after the snapshot returned."""
+        if self.pending is not None:
+            await anyio.to_thread.run_sync(self.pending)
+            self.pending = None
 
     def release(self) -> None:
+        if self.pending is not None:  # never hand back memory a copy still writes into
+            self.pending()
+            self.pending = None
         if self.arena is not None:
             self.pool.release(self.arena)
             self.arena = None
@@ -113,6 +125,7 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
     Cancellation: the staging memory is returned and nothing else happened (no trace).
     """
     started = time.perf_counter()
+    staged = None
     nodes: dict[str, Any] = {}
     leaves: list[_tree.ArrayLeaf] = []
     for name, value in values.items():
@@ -130,7 +143,9 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
             copied = None
             if device_jobs:
                 _torch.register_host_memory(arena)
-                copied = _torch.cuda_snapshot(device_jobs)
+                if options.device_staging:
+                    staged = _torch.device_staged_snapshot(device_jobs)
+                copied = staged or _torch.cuda_snapshot(device_jobs)
             bins: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
             loads = [0, 0]
             for job in sorted(jobs, key=lambda j: -j[1].nbytes):
@@ -144,6 +159,8 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
                 if copied is not None:
                     tg.start_soon(anyio.to_thread.run_sync, copied.synchronize)
     except BaseException:
+        if staged is not None:
+            staged.finish()
         if arena is not None:
             pool.release(arena)
         raise
@@ -152,7 +169,9 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
     return Snapshot(save_counter, nodes, arrays, arena, pool, sum(a.nbytes for a in leaves),
                     started, time.perf_counter() - started,
                     arena.page_locked if arena is not None else options.page_lock,
-                    sharded=frozenset(i for i, a in enumerate(all_leaves) if a.sharded))
+                    sharded=frozenset(i for i, a in enumerate(all_leaves) if a.sharded),
+                    pending=staged.finish if staged is not None else None,
+                    device_staged=staged is not None)
 
 
 @dataclass(frozen=True)
@@ -272,6 +291,7 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
     Returns the chunk tasks, per task ``(array index, Chunk)``, and the bytes written.
     Cancellation: the workers stop after their current chunk; the caller removes the file.
     """
+    await snap.ready()
     tasks = _tasks(snap, options.chunk_bytes)
     results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
     abort = threading.Event()
@@ -349,8 +369,8 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
     return SaveMetrics(
         raw_bytes=snap.raw_bytes, stored_bytes=stored, snapshot_seconds=snap.snapshot_seconds,
         total_seconds=time.perf_counter() - snap.started,
-        page_locked=snap.page_locked,
-        chunks=len(tasks), compressed_chunks=compressed), path if publish else tmp
+        page_locked=snap.page_locked, chunks=len(tasks), compressed_chunks=compressed,
+        device_staged=snap.device_staged), path if publish else tmp
 
 
 def _make_parents(directory: str) -> None:

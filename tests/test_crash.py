@@ -119,14 +119,6 @@ class Server:
             self.proc.wait()
 
 
-@pytest.fixture(autouse=True)
-def _slow_only_when_asked(request):
-    """The long runs (``@pytest.mark.slow``) run only when ``-m`` names ``slow``."""
-    if request.node.get_closest_marker("slow") and "slow" not in (
-            request.config.getoption("markexpr") or ""):
-        pytest.skip("long-running: run with -m slow")
-
-
 @pytest.fixture(scope="module")
 def servers():
     pool = [Server() for _ in range(WORKERS)]

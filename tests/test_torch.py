@@ -139,3 +139,45 @@ async def test_cuda_tensors_snapshot_and_restore_in_place(tmp_path):
     (await ckpt.restore(path)).assert_consumed()
     assert t.device.type == "cuda" and torch.equal(t, expected)
     assert ckpt.last_save_metrics.page_locked
+
+
+async def test_device_staging_has_no_effect_without_cuda_tensors(tmp_path):
+    t = torch.arange(1000, dtype=torch.float32)
+    ckpt = ac.Checkpoint(t=t)
+    await ckpt.write(tmp_path / "c", ac.CheckpointOptions(device_staging=True))
+    assert ckpt.last_save_metrics.device_staged is False
+    with pytest.raises(ValueError, match="device_staging must be True or False"):
+        ac.CheckpointOptions(device_staging="yes")
+
+
+@pytest.mark.gpu
+@cuda
+async def test_device_staging_snapshot_returns_before_the_copy_to_host(tmp_path):
+    """The caller may change its tensors once start_save returned, while the copy to the
+    host still runs: what was saved is the state at the call."""
+    tensors = {f"t{i}": torch.randn(1 << 22, device="cuda") for i in range(8)}
+    expected = {k: v.clone() for k, v in tensors.items()}
+    options = ac.CheckpointOptions(device_staging=True)
+    ckpt = ac.Checkpoint(**tensors)
+    async with ac.CheckpointManager(ckpt, tmp_path, max_to_keep=1, options=options) as manager:
+        handle = await manager.start_save()
+        for v in tensors.values():
+            v.fill_(7.0)  # right away, on the training stream
+        await handle.wait()
+    assert handle.metrics.device_staged
+    (await ckpt.restore(handle.path)).assert_consumed()
+    assert all(torch.equal(tensors[k], expected[k]) for k in tensors)
+
+
+@pytest.mark.gpu
+@cuda
+async def test_device_staging_falls_back_when_the_memory_is_not_free(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 1 << 40))
+    t = torch.randn(1 << 20, device="cuda")
+    ckpt = ac.Checkpoint(t=t)
+    path = await ckpt.write(tmp_path / "c", ac.CheckpointOptions(device_staging=True))
+    assert ckpt.last_save_metrics.device_staged is False
+    expected = t.clone()
+    t.zero_()
+    await ckpt.restore(path)
+    assert torch.equal(t, expected)
