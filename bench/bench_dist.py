@@ -14,8 +14,8 @@ per rank for DCP). The same tensor objects are saved by every system:
     ``handle.wait()`` returns (committed, files and directories fsynced); ``max_to_keep=None``
     and each checkpoint deleted after it was measured, untimed, as DCP's are;
   * the same with ``max_to_keep=1``: deleting the previous checkpoint is part of the save;
-  * asyncckpt with ``experimental_io_device=0`` (one rank does the file I/O; reported as not
-    available while it raises NotImplementedError);
+  * asyncckpt with ``experimental_io_device=0`` (one rank does the file I/O, the others
+    stream their chunks to it);
   * DCP ``async_save``: plain (a fresh staging copy per save), with a reused ``DefaultStager``
     (staging in a background thread, storages cached across saves; pinned memory only with
     CUDA), and with ``FileSystemWriter(cache_staged_state_dict=True)`` (cached pinned copy);
