@@ -263,6 +263,51 @@ async def two_checkpoints():
     emit(paths=paths)
 
 
+async def collective_order():
+    """Three background saves started back to back: their collective writes must run one at
+    a time, in start order. Every write waits at its door until all three saves have
+    started, so a write that does not wait its turn would be caught inside another one."""
+    from asyncckpt import _collective
+    real = _collective.write_collective
+    events, active, started = [], [0], anyio.Event()
+
+    async def recorded(coord, snap, path, *args, **kw):
+        active[0] += 1
+        events.append(("enter", os.path.basename(path), active[0]))
+        try:
+            await started.wait()
+            return await real(coord, snap, path, *args, **kw)
+        finally:
+            active[0] -= 1
+            events.append(("exit", os.path.basename(path), active[0]))
+
+    _collective.write_collective = recorded  # what Checkpoint._write_collective calls
+    step = np.array(0)
+    m = np.zeros(20000, dtype=np.float32)
+    # room for three snapshots at once: no save waits for staging memory
+    opts = ac.CheckpointOptions(coordination_timeout=8.0, staging_budget_bytes=64 << 20)
+    ckpt = ac.Checkpoint(model=model(), optimizer={"m": m}, step=step,
+                         replicated=["model/**", "step"])
+    paths, waited, errors = [], [], []
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=None, options=opts) as mgr:
+        handles = []
+        try:
+            for i in (1, 2, 3):
+                step[...] = i
+                m[:] = rank * 100 + i  # in place: each save has its own snapshot
+                handles.append(await mgr.start_save())
+        finally:
+            started.set()  # open the doors even if a start failed: no hang
+        paths = [h.path for h in handles]
+        for h in handles:
+            try:
+                waited.append(await h.wait())
+            except ac.SaveError as exc:
+                errors.append(str(exc))
+        latest, kept = mgr.latest_checkpoint, mgr.checkpoints
+    emit(events=events, paths=paths, waited=waited, errors=errors, latest=latest, kept=kept)
+
+
 async def commit_crash():
     """Rank 0 (the committing rank) is killed at the k-th filesystem call after it gathered
     every rank's report for the second save (k = -1: count those calls, crash nowhere)."""
@@ -321,6 +366,7 @@ else:
                "replicated_differ": replicated_differ, "io_device": io_device,
                "io_dies": io_failures, "io_eio": io_failures,
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
-               "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints}[scenario],
+               "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
+               "collective_order": collective_order}[scenario],
               backend="asyncio")
 dist.destroy_process_group()

@@ -339,3 +339,39 @@ async def test_wait_returns_before_retired_files_are_deleted_and_a_late_error_su
         assert m.latest_checkpoint == handle.path
     assert sorted(os.listdir(tmp_path)) == [".asyncckpt-lock", ".asyncckpt-owner", "checkpoint",
                                             "ckpt-2"]
+
+
+def test_sync_manager_logs_a_save_that_fails_while_closing_at_interpreter_exit(tmp_path):
+    """At exit nobody is left to raise a background save's error to: the atexit close logs
+    it (logger "asyncckpt", with the path and the cause) and the interpreter exits as usual."""
+    import subprocess
+    import sys
+    script = (
+        "import errno, logging, sys, numpy as np, asyncckpt as ac\n"
+        "from asyncckpt import _fs\n"
+        "logging.basicConfig(format='LOGGED %(name)s %(levelname)s: %(message)s')\n"
+        "ckpt = ac.Checkpoint(w=np.arange(1 << 20, dtype=np.float32))\n"
+        "m = ac.SyncCheckpointManager(ckpt, sys.argv[1], max_to_keep=2)\n"
+        "m.save()\n"                                 # ckpt-1 committed
+        "def fsync(fd):\n"
+        "    raise OSError(errno.EIO, 'Input/output error')\n"
+        "_fs.fsync = fsync\n"                        # the disk fails from here on
+        "m.start_save()\n"                           # ckpt-2 fails in the background ...
+        "ckpt.w[:] = -1\n"                           # ... after the caller exits, unclosed
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=120,
+                          capture_output=True, text=True)
+    # The hook catches the error, so the exit status is the interpreter's own: 0.
+    assert done.returncode == 0, done.stderr
+    marker = "LOGGED asyncckpt ERROR: "
+    assert done.stderr.count(marker) == 1, done.stderr
+    record = done.stderr.split(marker, 1)[1]
+    assert record.startswith("asyncckpt: a background save failed while closing at exit")
+    # The logged traceback names the failed save's path and its cause.
+    assert "SaveError" in record and str(tmp_path / "ckpt-2") in record, record
+    assert "OSError: [Errno 5] Input/output error" in record, record
+    assert "Exception ignored" not in done.stderr, done.stderr  # not left to the interpreter
+    assert ac.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
+    assert sorted(e for e in os.listdir(tmp_path) if not e.startswith(".")) == [
+        "checkpoint", "ckpt-1"]
+    assert not any("asyncckpt-tmp" in e for e in os.listdir(tmp_path))

@@ -200,6 +200,29 @@ def test_two_checkpoints_keep_their_coordination_apart(tmp_path):
                                                                   "ckpt-2", "ckpt-2"]
 
 
+def test_collective_saves_run_one_at_a_time_in_start_order(tmp_path):
+    results = run_ranks("collective_order", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    directory = tmp_path / "ckpts"
+    expected = [str(directory / f"ckpt-{i}") for i in (1, 2, 3)]
+    for r in results:
+        assert r["errors"] == [], r["errors"]
+        assert r["paths"] == r["waited"] == expected
+        # One collective write at a time on each rank, in the order the saves started.
+        assert r["events"] == [[kind, f"ckpt-{i}", depth] for i in (1, 2, 3)
+                               for kind, depth in (("enter", 1), ("exit", 0))], r["events"]
+        assert r["kept"] == expected and r["latest"] == expected[-1]
+    assert ac.latest_checkpoint(directory) == expected[-1]
+    # the state file lists them in commit order
+    assert ac.CheckpointManager(ac.Checkpoint(), directory, max_to_keep=None).checkpoints \
+        == expected
+    for i, path in enumerate(expected, start=1):
+        tree = asyncio_run_load(path)
+        assert int(tree["step"]) == i and tree["save_counter"] == i
+        for rank in range(2):
+            assert (tree[f"rank/{rank}"]["optimizer"]["m"] == rank * 100 + i).all(), (path, rank)
+
+
 CRITICAL = ("fsync", "fsync_dir", "rename", "replace", "exchange", "write_all", "remove_tree",
             "unlink")
 
