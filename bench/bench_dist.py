@@ -3,7 +3,7 @@
 Run: python bench/bench_dist.py [--worlds 2,4] [--mib-per-rank 64] [--saves 5] [--dir PATH]
                                 [--json FILE]
 
-For each world size, that many processes (gloo on CPU, file:// rendezvous, as
+For each world size, that many processes (gloo on CPU, a TCPStore on rank 0 as torchrun sets up; as
 tests/_dist_child.py does) each hold the same-size state of float32 CPU tensors: a "model" part
 identical on every rank (``--replicated-share``, default half; ``Checkpoint(replicated=
 ["model/**"])``, and the same keys on every rank for DCP, whose planner writes such tensors once)
@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import datetime
 import inspect
+import socket
 import json
 import os
 import shutil
@@ -103,7 +104,7 @@ async def child(args: argparse.Namespace, rank: int, world: int, base: str) -> N
 
     import asyncckpt as ac
 
-    dist.init_process_group("gloo", init_method=f"file://{base}/init", rank=rank,
+    dist.init_process_group("gloo", init_method="env://", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
     total = args.mib_per_rank * MiB
     shared = int(total * args.replicated_share)
@@ -213,6 +214,9 @@ def run_world(args: argparse.Namespace, world: int, base: str) -> dict[str, Any]
     d = tempfile.mkdtemp(prefix=f"world{world}-", dir=base)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it with several ranks per node
+    with socket.socket() as probe:  # a TCPStore on rank 0, as torchrun sets up
+        probe.bind(("127.0.0.1", 0))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(probe.getsockname()[1]))
     argv = [sys.executable, os.path.abspath(__file__), "--mib-per-rank", str(args.mib_per_rank),
             "--saves", str(args.saves), "--replicated-share", str(args.replicated_share)]
     watch = Watch()
