@@ -1,16 +1,17 @@
-"""Many processes, one checkpoint: coordination through ``torch.distributed``'s store.
+"""Many processes, one checkpoint: which ranks take part, and the store they meet in.
 
-Every rank writes its own shard (``shard-<rank>.bin``) into one temporary directory; rank 0
-gathers every rank's chunk lists and trees, writes the one manifest and commits exactly as a
-single process does. Replicated keys (``Checkpoint(replicated=[globs])``) are written once,
-each by one rank: replicated arrays are assigned, largest first, to the rank with the fewest
-bytes so far (ties to the lowest rank), so the write work is spread over the ranks.
+A :class:`Coordinator` names this rank, the world, the committing rank (rank 0, or the I/O
+rank of ``CheckpointOptions(experimental_io_device=...)``) and the key-value store behind the
+process group. The collective save and restore themselves are in :mod:`._collective`.
+Replicated keys (``Checkpoint(replicated=[globs])``) are written once, each by one rank:
+replicated arrays are assigned, largest first, to the rank with the fewest bytes so far (ties
+to the lowest rank), so the write work is spread over the ranks.
 
 Coordination never issues collectives on the training's process group: it only uses the
 key-value store behind it (``set`` / ``wait`` / ``get``, thread-safe, called from worker
 threads), so a background save cannot deadlock or reorder against the training's own
 collectives. Every wait is bounded by ``CheckpointOptions.coordination_timeout``; a timeout
-names each rank that did not arrive.
+names each rank that did not arrive. Each checkpoint draws its own key namespace on first use.
 """
 
 from __future__ import annotations

@@ -249,6 +249,7 @@ def _plan_sharded(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx:
     target holds (its own local shard for a DTensor, the whole value otherwise), reading
     only the chunks that part lies in, whatever the world size was at saving."""
     shape = tuple(node["shape"])
+    indices = [i for i, _ in plan.pieces(path)]
     pieces = [(plan.manifest.arrays[i], offset) for i, offset in plan.pieces(path)]
     check_pieces(path, shape, pieces)
     dtype = pieces[0][0].dtype if pieces else np.dtype(np.float32)
@@ -264,14 +265,15 @@ def _plan_sharded(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx:
         result: Any = target
     else:
         result, dest = _destination(target, shape, dtype, path, plan, ctx)
-    copies = [c for spec, offset in pieces
-              if (c := _plan_piece(spec, offset, box_offset, dest, plan)) is not None]
+    copies = [c for i, (spec, offset) in zip(indices, pieces)
+              if (c := _plan_piece(i, spec, offset, box_offset, dest, plan)) is not None]
     plan.after_read[mark:mark] = copies  # before any copy of ``dest`` to a device
     return lambda: result.value if isinstance(result, _Later) else result
 
 
-def _plan_piece(spec: ArraySpec, offset: tuple[int, ...], box_offset: tuple[int, ...],
-                dest: np.ndarray, plan: Plan) -> Callable[[], None] | None:
+def _plan_piece(index: int, spec: ArraySpec, offset: tuple[int, ...],
+                box_offset: tuple[int, ...], dest: np.ndarray, plan: Plan
+                ) -> Callable[[], None] | None:
     lo = [max(b, o) for b, o in zip(box_offset, offset)]
     hi = [min(b + n, o + m) for b, n, o, m in zip(box_offset, dest.shape, offset, spec.shape)]
     if any(a >= b for a, b in zip(lo, hi)):
@@ -295,7 +297,7 @@ def _plan_piece(spec: ArraySpec, offset: tuple[int, ...], box_offset: tuple[int,
                                chunks=tuple(spec.chunks[i] for i in chosen))
     plan.specs.append(part)
     plan.destinations.append(whole[begin // size:begin // size + count])
-    plan.parts[id(part)] = (plan.manifest.arrays.index(spec), chosen[0], len(chosen))
+    plan.parts[id(part)] = (index, chosen[0], len(chosen))
 
     def copy() -> None:
         dest[in_dest] = whole.reshape(spec.shape)[in_piece]
