@@ -70,7 +70,7 @@ class Checkpoint:
         object.__setattr__(self, "_replicated_globs", globs)
         object.__setattr__(self, "_is_replicated", _dist.compile_globs(globs))
         object.__setattr__(self, "_process_group", process_group)
-        object.__setattr__(self, "_collective_saves", [None, 0])
+        object.__setattr__(self, "_collective_saves", [None, 0, []])
         object.__setattr__(self, "_channels", {})
         object.__setattr__(self, "_values", {})
         object.__setattr__(self, "_save_counter", 0)

@@ -121,6 +121,10 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
     try:
         reports = await coord.gather(f"{key}/done", payload, "finish writing its shard")
         assert reports is not None
+        # Every rank is past every earlier operation of this checkpoint: drop their keys.
+        coord.forget_later([f"{key}/done/r{r}" for r in range(coord.world)])
+        await coord.forget()
+        coord.forget_later([f"{key}/tmp", f"{key}/result"])
         failed = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
         failed += [f"rank {r}: {text}" for r, text in sorted(stream_errors.items())
                    if not reports[r]["error"]]
@@ -155,6 +159,8 @@ async def shared_manifest(coord: Coordinator, path: str) -> tuple[str, Manifest]
     store; the other ranks validate those bytes themselves (untrusted, as a file would be).
     Returns the key of this collective restore and the manifest."""
     key = coord.next_key()
+    coord.forget_later([f"{key}/manifest", f"{key}/bytes"]
+                       + [f"{key}/{k}/r{r}" for r in range(coord.world) for k in ("want", "failed")])
     if coord.rank == coord.committer:
         try:
             data, manifest = await _reader.read_manifest_data(path)

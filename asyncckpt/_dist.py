@@ -93,7 +93,8 @@ class Coordinator:
     def current(cls, process_group: Any, timeout: float, counter: list[Any]
                 ) -> Coordinator | None:
         """The ranks of ``process_group`` (None: the default group), or None in a single
-        process. ``counter`` is the checkpoint's ``[namespace, operations so far]``; the
+        process. ``counter`` is the checkpoint's ``[namespace, operations so far, keys to
+        delete]``; the
         namespace is drawn on its first collective use (the same draw on every rank, as
         every rank makes the same calls), so two checkpoints never read each other's keys."""
         dist = sys.modules.get("torch.distributed")
@@ -110,6 +111,22 @@ class Coordinator:
             number = next(_NAMESPACES.setdefault(group, itertools.count()))
             counter[0] = f"asyncckpt/{group}/{number}"
         return cls(dist.get_rank(process_group), world, store, timeout, counter)
+
+    def forget_later(self, keys: list[str]) -> None:
+        """On the committing rank: keys of a finished operation, deleted from the store by
+        :meth:`forget` once every rank is known to be past it (the next save's gather), so
+        a long run does not grow the store."""
+        if self.rank == self.committer:
+            self.counter[2].extend(keys)
+
+    async def forget(self) -> None:
+        keys, self.counter[2][:] = list(self.counter[2]), []
+
+        def delete() -> None:
+            for key in keys:
+                self.store.delete_key(key)
+        if keys:
+            await anyio.to_thread.run_sync(delete)
 
     def next_key(self) -> str:
         """A namespace for the next collective save; every rank must call in the same order."""

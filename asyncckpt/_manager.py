@@ -133,8 +133,9 @@ class CheckpointManager:
             log.warning("time.time() is behind the last preserved checkpoint timestamp of %s; "
                         "keep_checkpoint_every_n_hours now counts from now", self._directory)
         if coord is not None and coord.io_rank is not None:
-            view = coord.exchange_sync(coord.next_key(), _view_of(self._managed) if reads
-                                       else None)
+            key = coord.next_key()
+            view = coord.exchange_sync(key, _view_of(self._managed) if reads else None)
+            coord.forget_later([key])
             self._managed = _managed_from(view)
 
     # -- properties (committed state only) -------------------------------------------------

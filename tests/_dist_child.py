@@ -346,6 +346,22 @@ async def commit_crash():
     emit(calls=calls, error=error)
 
 
+async def store_keys():
+    """The store must not grow with the number of saves (a long run saves thousands)."""
+    from torch.distributed import distributed_c10d as c10d
+    store = c10d._get_default_store()
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
+    counts = []
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
+        for i in range(8):
+            ckpt.optimizer = local(i)
+            await mgr.save()
+            if i == 3:
+                await ckpt.restore(mgr.latest_checkpoint, OPTS)
+            counts.append(store.num_keys())
+    emit(counts=counts)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -367,6 +383,7 @@ else:
                "io_dies": io_failures, "io_eio": io_failures,
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
                "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
+               "store_keys": store_keys,
                "collective_order": collective_order}[scenario],
               backend="asyncio")
 dist.destroy_process_group()

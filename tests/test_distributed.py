@@ -284,6 +284,13 @@ async def test_killing_the_committing_rank_at_each_commit_step(tmp_path, exhaust
         await _check_after_crash(tmp_path / f"k{k}" / "ckpts", k)
 
 
+def test_the_store_does_not_grow_with_the_number_of_saves(tmp_path):
+    results = run_ranks("store_keys", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    counts = results[0]["counts"]
+    assert max(counts[2:]) <= counts[1] + 2, counts
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])
