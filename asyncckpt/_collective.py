@@ -159,8 +159,8 @@ async def shared_manifest(coord: Coordinator, path: str) -> tuple[str, Manifest]
     store; the other ranks validate those bytes themselves (untrusted, as a file would be).
     Returns the key of this collective restore and the manifest."""
     key = coord.next_key()
-    coord.forget_later([f"{key}/manifest", f"{key}/bytes"]
-                       + [f"{key}/{k}/r{r}" for r in range(coord.world) for k in ("want", "failed")])
+    per_rank = [f"{key}/{kind}/r{r}" for r in range(coord.world) for kind in ("want", "failed")]
+    coord.forget_later([f"{key}/manifest", f"{key}/bytes", *per_rank])
     if coord.rank == coord.committer:
         try:
             data, manifest = await _reader.read_manifest_data(path)

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_tensor", "is_dtensor", "dtensor_layout", "is_torch_object", "host_view", "numpy_dtype", "can_hold", "fresh_tensor",
-           "copy_to_device", "register_host_memory", "cuda_snapshot", "device_staged_snapshot"]
+__all__ = ["is_tensor", "is_dtensor", "dtensor_layout", "dtensor_local", "is_torch_object",
+           "host_view", "numpy_dtype", "can_hold", "fresh_tensor", "copy_to_device",
+           "register_host_memory", "cuda_snapshot", "device_staged_snapshot"]
 
 _BITS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
          "float8_e4m3fnuz": "uint8", "float8_e5m2fnuz": "uint8", "float8_e8m0fnu": "uint8"}
