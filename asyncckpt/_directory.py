@@ -111,7 +111,11 @@ def read_owner(directory: str) -> tuple[str, int] | None:
 
 
 def write_owner(directory: str, owner: tuple[str, int], *, sync: bool) -> None:
-    _write_sync(os.path.join(directory, OWNER_NAME), f"{owner[0]} {owner[1]}\n".encode(), sync)
+    """Replace the owner record atomically. Its rename is not made durable with a directory
+    fsync: the record only tells managers running now apart, and after a power loss none is
+    running; an older record is then read as it is."""
+    _write_sync(os.path.join(directory, OWNER_NAME), f"{owner[0]} {owner[1]}\n".encode(), sync,
+                durable_rename=False)
 
 
 def write_retire(directory: str, names: list[str], *, sync: bool) -> None:
@@ -132,7 +136,7 @@ def clear_retire(directory: str) -> None:
         pass
 
 
-def _write_sync(path: str, data: bytes, sync: bool) -> None:
+def _write_sync(path: str, data: bytes, sync: bool, *, durable_rename: bool = True) -> None:
     """Replace ``path`` atomically (temporary file, fsync, rename, directory fsync)."""
     tmp = f"{path}{TMP_MARK}{secrets.token_hex(4)}"
     try:
@@ -144,7 +148,7 @@ def _write_sync(path: str, data: bytes, sync: bool) -> None:
         except OSError:
             pass
         raise
-    if sync:
+    if sync and durable_rename:
         _fs.fsync_dir(os.path.dirname(path) or ".")
 
 
