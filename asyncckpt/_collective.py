@@ -23,7 +23,7 @@ import anyio
 
 from . import _commit, _reader, _writer
 from ._dist import Commit, CoordinationError, Coordinator, assemble, compare_digests, shard_for
-from ._errors import CorruptCheckpointError, RestoreError, SaveError, explain
+from ._errors import CorruptCheckpointError, RestoreError, SaveError, explain, first_error
 from ._format import Manifest, decode_manifest, encode_manifest
 from ._transport import (ABORT, ChunkReceiver, SendSink, StreamAborted, receive_shard,
                          send_chunks)
@@ -49,6 +49,7 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
     sink = SendSink(coord.channel, boss) if streams and coord.rank != boss else None
     state: dict[str, Any] = {"stored": 0, "error": None, "report": None}
     stream_errors: dict[int, str] = {}
+    streams_limiter = anyio.CapacityLimiter(coord.world)  # a thread per stream, however many
 
     async def own_part() -> None:
         nonlocal tmp
@@ -84,7 +85,8 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
                 sink.ended = True  # the I/O rank is not listening: do not wait on it again
             raise
         except Exception as exc:
-            state["error"] = f"{type(exc).__name__}: {exc}"
+            cause = first_error(exc)
+            state["error"] = f"{type(cause).__name__}: {explain(cause)}"
         finally:
             snap.release()
             if sink is not None:
@@ -94,8 +96,8 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
         assert tmp is not None
         target = os.path.join(tmp, shard_for(src))
         try:
-            await workers.run(lambda: receive_shard(coord.channel, src, target, options.fsync),
-                              on_cancel=lambda: None)
+            await anyio.to_thread.run_sync(receive_shard, coord.channel, src, target,
+                                           options.fsync, limiter=streams_limiter)
         except StreamAborted:
             pass  # that rank's own error arrives with its report
         except Exception as exc:
@@ -215,6 +217,7 @@ async def read_arrays_collective(coord: Coordinator, key: str, path: str, manife
                                    f"{explain(exc)}") from exc
             return
         errors: list[BaseException] = []
+        streams = anyio.CapacityLimiter(coord.world)  # a thread per stream, however many
 
         async def own() -> None:
             try:
@@ -233,7 +236,7 @@ async def read_arrays_collective(coord: Coordinator, key: str, path: str, manife
             except ValueError as exc:
                 chosen = exc
             await anyio.to_thread.run_sync(_serve, coord, f"{key}/failed/r{rank}", rank, path,
-                                           chosen)
+                                           chosen, limiter=streams)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(own)

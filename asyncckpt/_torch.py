@@ -44,12 +44,16 @@ def dtensor_layout(value: Any, path: str) -> tuple[tuple[int, ...], tuple[int, .
     """A DTensor's global shape, the global offset of this rank's local shard, and whether
     this rank writes that shard (of ranks holding the same shard through ``Replicate``
     placements, only the one at mesh coordinate 0 along those mesh dimensions does)."""
-    from torch.distributed.tensor import Partial, Replicate
+    from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     placements = tuple(value.placements)
     if any(isinstance(p, Partial) for p in placements):
         raise ValueError(f"{path}: this DTensor has a Partial placement (values not reduced "
                          f"yet); call .redistribute() to Shard/Replicate placements first")
+    odd = [p for p in placements if type(p) not in (Shard, Replicate)]
+    if odd:  # e.g. _StridedShard (FSDP2 + TP): its local data is not one box of the whole
+        raise ValueError(f"{path}: DTensor placement {odd[0]!r} is not supported (only Shard "
+                         f"and Replicate); call .redistribute() or .full_tensor() first")
     mesh = value.device_mesh
     coordinate = mesh.get_coordinate()
     if coordinate is None:

@@ -122,7 +122,8 @@ def receive_shard(channel: Channel, src: int, path: str, sync: bool) -> int:
             if buffer.size < size:
                 buffer = np.empty(size, np.uint8)
             chunk = buffer[:size]
-            channel.recv_into(src, chunk)
+            if size:
+                channel.recv_into(src, chunk)
             if failure is not None:
                 continue
             try:
@@ -150,9 +151,11 @@ class ChunkReceiver:
 
     def __init__(self, channel: Channel, src: int, why: Any) -> None:
         self.channel, self.src, self.why = channel, src, why
+        self.ended = False
 
     def _header(self, expect: int) -> int:
         size, kind = self.channel.recv_header(self.src)
+        self.ended = kind != DATA
         if kind == ABORT:
             raise StreamAborted(self.why())
         if kind != expect:
@@ -162,6 +165,8 @@ class ChunkReceiver:
     def fetch(self, chunk: Any, into: memoryview) -> None:
         size = self._header(DATA)
         if size != into.nbytes:
+            if size:  # take it off the stream anyway, so that it stays in step
+                self.channel.recv_into(self.src, np.empty(size, np.uint8))
             raise ValueError(f"rank {self.src} sent {size} bytes for a chunk of "
                              f"{into.nbytes}")
         if size:
@@ -171,7 +176,14 @@ class ChunkReceiver:
         self._header(END)
 
     def close(self) -> None:
-        pass
+        """Read (and drop) what the sender still sends, up to its end: a receiver that
+        stopped early (a damaged chunk) must not leave the sender blocked, nor the stream
+        out of step for the next operation."""
+        while not self.ended:
+            size, kind = self.channel.recv_header(self.src)
+            self.ended = kind != DATA
+            if size and kind == DATA:
+                self.channel.recv_into(self.src, np.empty(size, np.uint8))
 
 
 def send_chunks(channel: Channel, dst: int, shards: Any, order: list[Any]) -> None:

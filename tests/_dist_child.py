@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import anyio
 import numpy as np
@@ -362,6 +363,32 @@ async def store_keys():
     emit(counts=counts)
 
 
+async def io_damaged():
+    """Rank 0's shard is damaged; restoring through the I/O rank 1 fails on rank 0 only, at
+    once, and the channel stays usable for the next save."""
+    opts = ac.CheckpointOptions(coordination_timeout=8.0, experimental_io_device=1,
+                                compression="none")
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(0))  # rank 0's shard: its own only
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts) as mgr:
+        first = await mgr.save()
+        if rank == 1:
+            shard = os.path.join(first, "shard-r00000.bin")
+            with open(shard, "r+b") as f:
+                f.seek(os.path.getsize(shard) // 2)
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        started = time.monotonic()
+        try:
+            await ckpt.restore(first, opts)
+            error = None
+        except ac.RestoreError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        took = time.monotonic() - started
+        second = await mgr.save()
+    emit(error=error, took=took, second=second)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -383,7 +410,7 @@ else:
                "io_dies": io_failures, "io_eio": io_failures,
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
                "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
-               "store_keys": store_keys,
+               "store_keys": store_keys, "io_damaged": io_damaged,
                "collective_order": collective_order}[scenario],
               backend="asyncio")
 dist.destroy_process_group()

@@ -291,6 +291,16 @@ def test_the_store_does_not_grow_with_the_number_of_saves(tmp_path):
     assert max(counts[2:]) <= counts[1] + 2, counts
 
 
+def test_a_damaged_chunk_sent_by_the_io_rank_fails_only_that_restore(tmp_path):
+    results = run_ranks("io_damaged", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    assert results[0]["error"].startswith("CorruptCheckpointError") and "damaged" in \
+        results[0]["error"]
+    assert results[1]["error"] is None
+    assert all(r["took"] < 5 for r in results), results  # nobody waits for a timeout
+    assert results[0]["second"] == results[1]["second"]  # and the channel still works
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])
