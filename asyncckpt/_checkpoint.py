@@ -13,6 +13,7 @@ from ._codec import DiskModel
 from ._errors import IncompleteRestoreError, RestoreError
 from ._options import CheckpointOptions, SaveMetrics
 from ._restore import check_pieces, plan_restore
+from ._handles import Sequencer
 from ._staging import StagingPool
 from ._workers import WorkerThreads
 
@@ -70,8 +71,9 @@ class Checkpoint:
         object.__setattr__(self, "_replicated_globs", globs)
         object.__setattr__(self, "_is_replicated", _dist.compile_globs(globs))
         object.__setattr__(self, "_process_group", process_group)
-        object.__setattr__(self, "_collective_saves", [None, 0, []])
+        object.__setattr__(self, "_collective_saves", [None, 0, [], 0])
         object.__setattr__(self, "_channels", {})
+        object.__setattr__(self, "_collective_order", Sequencer())
         object.__setattr__(self, "_values", {})
         object.__setattr__(self, "_save_counter", 0)
         object.__setattr__(self, "_pool", StagingPool())
@@ -151,17 +153,32 @@ class Checkpoint:
             except BaseException:
                 snap.release()
                 raise
+        if coord is not None:  # drawn in call order: collective operations run in it
+            snap.turn = self._collective_order.ticket()
         return snap
+
+    def _drop_turn(self, snap: _writer.Snapshot) -> None:
+        """A collective snapshot that will not be written gives up its turn."""
+        if snap.turn is not None:
+            self._collective_order.done(snap.turn)
+            snap.turn = None
 
     async def _write_collective(self, coord: _dist.Coordinator, snap: _writer.Snapshot,
                                 path: str, options: CheckpointOptions,
                                 commit: _dist.Commit) -> tuple[SaveMetrics, Any]:
-        """Write with every rank, commit on rank 0 (see ``_dist``). Shielded: one rank
-        cannot abandon a collective save halfway."""
+        """Write with every rank, commit on the committing rank (see ``_collective``), in
+        this checkpoint's collective order. Shielded: one rank cannot abandon a collective
+        save halfway."""
+        assert snap.turn is not None
+        turn, snap.turn = snap.turn, None
         with anyio.CancelScope(shield=True):
-            stored, extra = await _collective.write_collective(
-                coord, snap, path, options, self._worker_threads(options), self._disk,
-                self._is_replicated, self._replicated_globs, commit)
+            try:
+                async with self._collective_order.turn(turn):
+                    stored, extra = await _collective.write_collective(
+                        coord, snap, path, options, self._worker_threads(options), self._disk,
+                        self._is_replicated, self._replicated_globs, commit)
+            finally:
+                self._collective_order.done(turn)
         metrics = SaveMetrics(raw_bytes=snap.raw_bytes, stored_bytes=stored,
                               snapshot_seconds=snap.snapshot_seconds,
                               total_seconds=_writer.seconds_since(snap.started),
@@ -260,7 +277,17 @@ class Checkpoint:
 
     async def _restore_through_io_rank(self, coord: _dist.Coordinator, path: str,
                                        options: CheckpointOptions) -> tuple[Any, Any]:
-        """Only the I/O rank reads files; it sends the others what they plan to restore."""
+        """Only the I/O rank reads files; it sends the others what they plan to restore.
+        Runs in this checkpoint's collective order (never beside a background save)."""
+        turn = self._collective_order.ticket()
+        try:
+            async with self._collective_order.turn(turn):
+                return await self._restore_streamed(coord, path, options)
+        finally:
+            self._collective_order.done(turn)
+
+    async def _restore_streamed(self, coord: _dist.Coordinator, path: str,
+                                options: CheckpointOptions) -> tuple[Any, Any]:
         key, manifest = await _collective.shared_manifest(coord, path)
         manifest = _for_this_process(manifest, coord)
         try:

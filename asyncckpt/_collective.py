@@ -114,6 +114,8 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
     if coord.rank != boss:
         await coord.gather(f"{key}/done", payload, "finish writing its shard")
         result = await coord.get(f"{key}/result", [boss], "commit the checkpoint")
+        await coord.forget()  # every rank is past every earlier operation (it was gathered)
+        coord.forget_later([f"{key}/tmp", f"{key}/result"])
         if not result["ok"]:
             raise SaveError(result["error"])
         if state["error"]:

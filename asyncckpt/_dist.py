@@ -94,7 +94,7 @@ class Coordinator:
                 ) -> Coordinator | None:
         """The ranks of ``process_group`` (None: the default group), or None in a single
         process. ``counter`` is the checkpoint's ``[namespace, operations so far, keys to
-        delete]``; the
+        delete, manager views so far]``; the
         namespace is drawn on its first collective use (the same draw on every rank, as
         every rank makes the same calls), so two checkpoints never read each other's keys."""
         dist = sys.modules.get("torch.distributed")
@@ -113,11 +113,11 @@ class Coordinator:
         return cls(dist.get_rank(process_group), world, store, timeout, counter)
 
     def forget_later(self, keys: list[str]) -> None:
-        """On the committing rank: keys of a finished operation, deleted from the store by
-        :meth:`forget` once every rank is known to be past it (the next save's gather), so
-        a long run does not grow the store."""
-        if self.rank == self.committer:
-            self.counter[2].extend(keys)
+        """Keys of an operation, deleted from the store by :meth:`forget` once every rank is
+        known to be past it (the next save's gather), so a long run does not grow the
+        store. Every rank deletes them (deleting twice is harmless), so they never pile up
+        on a rank that is not the next save's committing rank."""
+        self.counter[2].extend(keys)
 
     async def forget(self) -> None:
         keys, self.counter[2][:] = list(self.counter[2]), []
@@ -127,6 +127,12 @@ class Coordinator:
                 self.store.delete_key(key)
         if keys:
             await anyio.to_thread.run_sync(delete)
+
+    def next_view_key(self) -> str:
+        """A key for a manager's view (managers are built in the foreground, in the same
+        order on every rank; counted apart from the operations, which run in turns)."""
+        self.counter[3] += 1
+        return f"{self.counter[0]}/view/{self.counter[3]}"
 
     def next_key(self) -> str:
         """A namespace for the next collective save; every rank must call in the same order."""

@@ -133,7 +133,7 @@ class CheckpointManager:
             log.warning("time.time() is behind the last preserved checkpoint timestamp of %s; "
                         "keep_checkpoint_every_n_hours now counts from now", self._directory)
         if coord is not None and coord.io_rank is not None:
-            key = coord.next_key()
+            key = coord.next_view_key()
             view = coord.exchange_sync(key, _view_of(self._managed) if reads else None)
             coord.forget_later([key])
             self._managed = _managed_from(view)
@@ -314,6 +314,7 @@ class CheckpointManager:
                     await anyio.to_thread.run_sync(_commit.discard, staged)
             finally:
                 if handle._snapshot is not None:
+                    self._checkpoint._drop_turn(handle._snapshot)
                     handle._snapshot.release()
                     handle._snapshot = None
                 self._sequencer.done(handle._ticket)

@@ -57,6 +57,7 @@ class Snapshot:
     sharded: frozenset[int] = frozenset()  # indices of arrays that are DTensor pieces
     pending: Callable[[], None] | None = None  # blocking wait until the arena is filled
     device_staged: bool = False
+    turn: int | None = None  # its place among its checkpoint's collective operations
 
     async def ready(self) -> None:
         """Wait (in a thread) until the staged bytes are all in the arena: with device

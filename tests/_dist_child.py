@@ -389,6 +389,29 @@ async def io_damaged():
     emit(error=error, took=took, second=second)
 
 
+async def io_interleaved():
+    """A restore and an export started while a background save still streams: the
+    checkpoint's collective operations take turns, in call order, on every rank."""
+    opts = ac.CheckpointOptions(coordination_timeout=20.0, experimental_io_device=1,
+                                compression="none")
+    big = np.random.default_rng(rank).standard_normal(16 << 20, dtype=np.float32)  # 64 MiB
+    ckpt = ac.Checkpoint(model=model(), optimizer=local(1), big=big, replicated=["model/**"])
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=3, options=opts) as mgr:
+        first = await mgr.save()
+        ckpt.optimizer = local(2)
+        handle = await mgr.start_save()
+        ckpt.optimizer["m"][:] = -1
+        await ckpt.restore(first, opts)  # back to step 1's values, while step 2 is written
+        restored = float(ckpt.optimizer["m"][0])
+        export = await ckpt.write(os.path.join(directory, "export"), opts)
+        second = await handle.wait()
+    tree_ok = None
+    if rank == 1:
+        tree = await ac.load(second)
+        tree_ok = float(tree["rank/0"]["optimizer"]["m"][0]) == 2.0
+    emit(restored=restored, second=second, export=export, tree_ok=tree_ok)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -411,6 +434,7 @@ else:
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
                "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
                "store_keys": store_keys, "io_damaged": io_damaged,
+               "io_interleaved": io_interleaved,
                "collective_order": collective_order}[scenario],
               backend="asyncio")
 dist.destroy_process_group()

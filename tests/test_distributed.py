@@ -301,6 +301,16 @@ def test_a_damaged_chunk_sent_by_the_io_rank_fails_only_that_restore(tmp_path):
     assert results[0]["second"] == results[1]["second"]  # and the channel still works
 
 
+def test_collective_operations_take_turns_through_the_io_rank(tmp_path):
+    results = run_ranks("io_interleaved", 2, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    for rank, r in enumerate(results):
+        assert r["restored"] == rank * 100 + 1
+    assert results[1]["tree_ok"]
+    tree = asyncio_run_load(results[0]["export"])
+    assert float(tree["rank/1"]["optimizer"]["m"][0]) == 101.0
+
+
 def test_replicated_globs():
     from asyncckpt._dist import assign_owners, compile_globs
     match = compile_globs(["model/**", "opt/*/lr", "x?"])
