@@ -344,7 +344,8 @@ async def load(path: str | os.PathLike[str],
     pieces = _tree.dtensor_pieces(list(manifest.ranks or [manifest.values]))
 
     def whole(path: str, node: dict[str, Any]) -> Any:  # a sharded value, put together
-        parts = [(specs[i], offset, arrays[i]) for i, offset in pieces.get(path, [])]
+        found = next(iter(pieces.get(path, {}).values()), [])  # the first mesh's
+        parts = [(specs[i], offset, arrays[i]) for i, offset in found]
         shape = tuple(node["shape"])
         check_pieces(path, shape, [(spec, offset) for spec, offset, _ in parts])
         out = _empty_like(shape, parts[0][0] if parts else None)

@@ -197,7 +197,7 @@ def _renumber(node: dict[str, Any], mapping: dict[int, int]) -> dict[str, Any]:
     if kind == "state":
         return {"t": "state", "value": _renumber(node["value"], mapping)}
     if kind == "dtensor":
-        return {"t": "dtensor", "shape": node["shape"],
+        return {"t": "dtensor", "shape": node["shape"], "mesh": node["mesh"],
                 "pieces": [[mapping[i], offset] for i, offset in node["pieces"]]}
     return node
 

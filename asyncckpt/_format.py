@@ -367,12 +367,16 @@ def _check_dtensor(node: dict[str, Any], path: _Path, arrays: tuple[ArraySpec, .
                    used: list[int]) -> None:
     """A sharded value: its global shape and this rank's piece (none if another rank holding
     the same piece wrote it), which must lie inside that shape."""
-    shape, pieces = node.get("shape"), node.get("pieces")
-    if not (set(node) == {"t", "shape", "pieces"} and isinstance(shape, list)
+    shape, pieces, mesh = node.get("shape"), node.get("pieces"), node.get("mesh")
+    if not (isinstance(mesh, list) and 1 <= len(mesh) <= 1 << 16
+            and all(_is_int(r) and 0 <= r < 1 << 31 for r in mesh)):
+        raise _Bad(f"{_where(path)}: a dtensor node's mesh is the list of its device mesh's "
+                   f"ranks, not {_show(mesh, 120)}")
+    if not (set(node) == {"t", "shape", "mesh", "pieces"} and isinstance(shape, list)
             and len(shape) <= _MAX_NDIM and all(_is_int(d) and 0 <= d < 1 << 62 for d in shape)
             and math.prod(shape) < 1 << 62 and isinstance(pieces, list) and len(pieces) <= 1):
         raise _Bad(f"{_where(path)}: a dtensor node has exactly the members t, shape (a list "
-                   f"of sizes) and pieces (at most one), not {_show(node, 120)}")
+                   f"of sizes), mesh and pieces (at most one), not {_show(node, 120)}")
     for piece in pieces:
         if not (isinstance(piece, list) and len(piece) == 2 and _is_int(piece[0])
                 and 0 <= piece[0] < len(used) and isinstance(piece[1], list)

@@ -37,14 +37,18 @@ class Plan:
     after_read: list[Callable[[], None]] = field(default_factory=list)  # e.g. host -> GPU
     # a spec reading only some chunks of an array -> (array index, first chunk, count)
     parts: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    _pieces: dict[str, list[_tree.Piece]] | None = None
+    _pieces: dict[str, dict[tuple[int, ...], list[_tree.Piece]]] | None = None
 
-    def pieces(self, path: str) -> list[_tree.Piece]:
-        """Every rank's pieces of the sharded value at ``path``."""
+    def pieces(self, path: str, mesh: tuple[int, ...] | None) -> list[_tree.Piece]:
+        """The saved pieces of the sharded value at ``path``: those saved on ``mesh`` (the
+        target's device mesh) if there are any, otherwise those of the first mesh."""
         if self._pieces is None:
             m = self.manifest
             self._pieces = _tree.dtensor_pieces(list(m.ranks) if m.ranks else [m.values])
-        return self._pieces.get(path, [])
+        groups = self._pieces.get(path, {})
+        if mesh in groups:
+            return groups[mesh]
+        return next(iter(groups.values()), [])
 
     def requests(self) -> list[list[int]]:
         """``[array index, first chunk, chunk count]`` per spec, in order (what a rank asks
@@ -249,8 +253,10 @@ def _plan_sharded(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx:
     target holds (its own local shard for a DTensor, the whole value otherwise), reading
     only the chunks that part lies in, whatever the world size was at saving."""
     shape = tuple(node["shape"])
-    indices = [i for i, _ in plan.pieces(path)]
-    pieces = [(plan.manifest.arrays[i], offset) for i, offset in plan.pieces(path)]
+    mesh = tuple(_torch.mesh_ranks(target)) if _torch.is_dtensor(target) else None
+    found = plan.pieces(path, mesh)
+    indices = [i for i, _ in found]
+    pieces = [(plan.manifest.arrays[i], offset) for i, offset in found]
     check_pieces(path, shape, pieces)
     dtype = pieces[0][0].dtype if pieces else np.dtype(np.float32)
     box_offset: tuple[int, ...] = (0,) * len(shape)

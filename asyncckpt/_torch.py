@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["is_tensor", "is_dtensor", "dtensor_layout", "dtensor_local", "is_torch_object",
            "host_view", "numpy_dtype", "can_hold", "fresh_tensor", "copy_to_device",
-           "register_host_memory", "cuda_snapshot", "device_staged_snapshot"]
+           "register_host_memory", "cuda_snapshot", "device_staged_snapshot", "mesh_ranks"]
 
 _BITS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
          "float8_e4m3fnuz": "uint8", "float8_e5m2fnuz": "uint8", "float8_e8m0fnu": "uint8"}
@@ -40,10 +40,12 @@ def is_dtensor(value: object) -> bool:
     return module is not None and isinstance(value, module.DTensor)
 
 
-def dtensor_layout(value: Any, path: str) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
-    """A DTensor's global shape, the global offset of this rank's local shard, and whether
+def dtensor_layout(value: Any, path: str
+                   ) -> tuple[tuple[int, ...], tuple[int, ...], bool, list[int]]:
+    """A DTensor's global shape, the global offset of this rank's local shard, whether
     this rank writes that shard (of ranks holding the same shard through ``Replicate``
-    placements, only the one at mesh coordinate 0 along those mesh dimensions does)."""
+    placements, only the one at mesh coordinate 0 along those mesh dimensions does), and
+    the global ranks of its device mesh."""
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     placements = tuple(value.placements)
@@ -60,7 +62,13 @@ def dtensor_layout(value: Any, path: str) -> tuple[tuple[int, ...], tuple[int, .
         raise ValueError(f"{path}: this rank is not in the DTensor's device mesh")
     _, offset = compute_local_shape_and_global_offset(value.shape, mesh, placements)
     writes = all(c == 0 for c, p in zip(coordinate, placements) if isinstance(p, Replicate))
-    return tuple(value.shape), tuple(int(o) for o in offset), writes
+    return (tuple(value.shape), tuple(int(o) for o in offset), writes,
+            mesh_ranks(value))
+
+
+def mesh_ranks(value: Any) -> list[int]:
+    """The global ranks of a DTensor's device mesh, in mesh order."""
+    return [int(r) for r in value.device_mesh.mesh.flatten().tolist()]
 
 
 def dtensor_local(value: Any) -> tuple[Any, tuple[int, ...]]:

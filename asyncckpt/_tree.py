@@ -18,7 +18,8 @@ from . import _jax, _torch
 
 __all__ = [
     "ArrayLeaf", "flatten", "escape_segment", "join_path", "dtype_to_str", "str_to_dtype",
-    "decode_scalar", "has_state_dict", "node_to_value", "dtensor_pieces", "MAX_DEPTH", "INT_KEY_MIN",
+    "decode_scalar", "has_state_dict", "node_to_value", "dtensor_pieces", "MAX_DEPTH",
+    "INT_KEY_MIN",
     "INT_KEY_MAX", "check_code_points",
 ]
 
@@ -148,13 +149,13 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
         arrays.append(ArrayLeaf(path, None, dtype, tuple(value.shape), device=value))
         return {"t": "array", "index": len(arrays) - 1}
     if _torch.is_dtensor(value):  # a Tensor subclass: before plain tensors
-        shape, offset, writes = _torch.dtensor_layout(value, path)
+        shape, offset, writes, mesh = _torch.dtensor_layout(value, path)
         pieces = []
         if writes:
             piece = _encode(value.to_local(), path, arrays, depth, active)
             arrays[-1] = dataclasses.replace(arrays[-1], sharded=True)
             pieces.append([piece["index"], list(offset)])
-        return {"t": "dtensor", "shape": list(shape), "pieces": pieces}
+        return {"t": "dtensor", "shape": list(shape), "mesh": mesh, "pieces": pieces}
     if _torch.is_tensor(value):
         if value.device.type == "cpu":
             host = _torch.host_view(value, path)
@@ -287,10 +288,13 @@ def node_to_value(node: dict[str, Any], array_at: Callable[[int], np.ndarray],
 Piece = tuple[int, tuple[int, ...]]   # array index, global offset
 
 
-def dtensor_pieces(trees: list[dict[str, Any]]) -> dict[str, list[Piece]]:
-    """Every written piece of every sharded (DTensor) value, by key path, over all ranks'
-    trees (a piece two ranks both list is listed once)."""
-    found: dict[str, dict[tuple[int, ...], int]] = {}
+def dtensor_pieces(trees: list[dict[str, Any]]
+                   ) -> dict[str, dict[tuple[int, ...], list[Piece]]]:
+    """Every written piece of every sharded (DTensor) value, by key path and then by device
+    mesh (global ranks), over all ranks' trees. Values on different meshes under one key
+    path (pipeline stages, or data-parallel replicas of a tensor-parallel value) are kept
+    apart; a piece listed twice is listed once."""
+    found: dict[str, dict[tuple[int, ...], dict[tuple[int, ...], int]]] = {}
 
     def walk(node: dict[str, Any], path: str) -> None:
         kind = node["t"]
@@ -303,11 +307,12 @@ def dtensor_pieces(trees: list[dict[str, Any]]) -> dict[str, list[Piece]]:
         elif kind == "state":
             walk(node["value"], path)
         elif kind == "dtensor":
-            pieces = found.setdefault(path, {})
+            pieces = found.setdefault(path, {}).setdefault(tuple(node["mesh"]), {})
             for index, offset in node["pieces"]:
                 pieces.setdefault(tuple(offset), index)
     for tree in trees:
         for name, node in tree.items():
             walk(node, name)
-    return {path: [(index, offset) for offset, index in pieces.items()]
-            for path, pieces in found.items()}
+    return {path: {mesh: [(index, offset) for offset, index in pieces.items()]
+                   for mesh, pieces in sorted(meshes.items())}
+            for path, meshes in found.items()}

@@ -412,6 +412,21 @@ async def io_interleaved():
     emit(restored=restored, second=second, export=export, tree_ok=tree_ok)
 
 
+async def dtensor_stages():
+    """Two pipeline stages on a 2 x 2 mesh, each with its own "w" sharded over its own
+    tensor-parallel sub-mesh: same key path, different values; each restores its own."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    stage = rank // 2
+    whole = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3) + 100 * stage
+    w = distribute_tensor(whole, mesh["tp"], [Shard(0)])
+    ckpt = ac.Checkpoint(model={"w": w})
+    path = await ckpt.write(os.path.join(directory, "stages"), OPTS)
+    w.to_local().zero_()
+    await ckpt.restore(path, OPTS)
+    emit(same=bool(torch.equal(w.full_tensor(), whole)))
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -434,7 +449,7 @@ else:
                "dtensor_save": dtensor_save, "dtensor_reshard": dtensor_reshard,
                "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
                "store_keys": store_keys, "io_damaged": io_damaged,
-               "io_interleaved": io_interleaved,
+               "io_interleaved": io_interleaved, "dtensor_stages": dtensor_stages,
                "collective_order": collective_order}[scenario],
               backend="asyncio")
 dist.destroy_process_group()

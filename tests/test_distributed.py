@@ -156,7 +156,7 @@ def test_dtensors_reshard_from_2_to_4_to_1_ranks(tmp_path):
     import anyio
     manifest = anyio.run(_reader.read_manifest, first, backend="asyncio")
     pieces = _tree.dtensor_pieces(list(manifest.ranks))
-    assert {k: len(v) for k, v in pieces.items()} == {
+    assert {k: len(v[(0, 1)]) for k, v in pieces.items()} == {
         "model/big": 2, "model/rows": 2, "model/cols": 2, "model/rep": 1}
     # 4 ranks restore the 2-rank checkpoint into their own shards, reading only what they need.
     resharded = run_ranks("dtensor_reshard", 4, tmp_path)
@@ -309,6 +309,12 @@ def test_collective_operations_take_turns_through_the_io_rank(tmp_path):
     assert results[1]["tree_ok"]
     tree = asyncio_run_load(results[0]["export"])
     assert float(tree["rank/1"]["optimizer"]["m"][0]) == 101.0
+
+
+def test_dtensors_of_the_same_name_on_different_meshes_stay_apart(tmp_path):
+    results = run_ranks("dtensor_stages", 4, tmp_path)
+    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
+    assert all(r["same"] for r in results), results
 
 
 def test_replicated_globs():

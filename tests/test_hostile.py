@@ -1290,7 +1290,8 @@ def _as_dtensor(saved: str, **node: Any) -> None:
     def mutate(doc: dict) -> None:
         items = doc["values"]["model"]["items"]
         key, array = next(item for item in items if item[0] == "w")
-        whole = {"t": "dtensor", "shape": [30, 100], "pieces": [[array["index"], [0, 0]]]}
+        whole = {"t": "dtensor", "shape": [30, 100], "mesh": [0],
+                 "pieces": [[array["index"], [0, 0]]]}
         whole.update(node)
         items[[k for k, _ in items].index("w")][1] = whole
     rewrite(saved, mutate)
@@ -1310,6 +1311,8 @@ def test_a_dtensor_node_with_one_whole_piece_loads(saved):
     ({"pieces": [[0, [0, 0]], [1, [0, 0]]]}, "dtensor node"),
     ({"shape": [1 << 40, 1 << 40]}, "dtensor node"),
     ({"shape": "30x100"}, "dtensor node"),
+    ({"mesh": []}, "mesh"),
+    ({"mesh": [-1]}, "mesh"),
     ({"extra": 1}, "dtensor node"),
 ])
 def test_bad_dtensor_nodes(saved, node, message):
