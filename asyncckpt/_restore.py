@@ -195,6 +195,9 @@ def _plan_sequence(node: dict[str, Any], target: list[Any] | tuple[Any, ...], pa
 
 def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx) -> Finish:
     spec = plan.manifest.arrays[node["index"]]
+    if _torch.is_dtensor(target):  # a whole saved array into a DTensor: one piece of it
+        return _plan_pieces(spec.shape, [(node["index"], (0,) * len(spec.shape))], target,
+                            path, plan, ctx)
     result, dest = _destination(target, spec.shape, spec.dtype, path, plan, ctx)
     plan.specs.append(spec)
     plan.destinations.append(dest)
@@ -252,9 +255,12 @@ def _plan_sharded(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx:
     """A sharded (DTensor) value: read the part of every saved piece that overlaps what the
     target holds (its own local shard for a DTensor, the whole value otherwise), reading
     only the chunks that part lies in, whatever the world size was at saving."""
-    shape = tuple(node["shape"])
     mesh = tuple(_torch.mesh_ranks(target)) if _torch.is_dtensor(target) else None
-    found = plan.pieces(path, mesh)
+    return _plan_pieces(tuple(node["shape"]), plan.pieces(path, mesh), target, path, plan, ctx)
+
+
+def _plan_pieces(shape: tuple[int, ...], found: list[_tree.Piece], target: Any, path: str,
+                 plan: Plan, ctx: _Ctx) -> Finish:
     indices = [i for i, _ in found]
     pieces = [(plan.manifest.arrays[i], offset) for i, offset in found]
     check_pieces(path, shape, pieces)

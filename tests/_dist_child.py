@@ -424,7 +424,12 @@ async def dtensor_stages():
     path = await ckpt.write(os.path.join(directory, "stages"), OPTS)
     w.to_local().zero_()
     await ckpt.restore(path, OPTS)
-    emit(same=bool(torch.equal(w.full_tensor(), whole)))
+    same = bool(torch.equal(w.full_tensor(), whole))
+    # A plain (whole) array saved by one process (the test) restores into the shards too.
+    w.to_local().zero_()
+    (await ckpt.restore(os.path.join(directory, "plain"), OPTS)).assert_consumed()
+    expected = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3) * 2
+    emit(same=same, from_plain=bool(torch.equal(w.full_tensor(), expected)))
 
 
 def sync_manager():

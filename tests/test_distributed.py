@@ -187,6 +187,11 @@ def asyncio_run_load(path):
     return anyio.run(ac.load, path, backend="asyncio")
 
 
+def asyncio_run_write(ckpt, path):
+    import anyio
+    return anyio.run(ckpt.write, path, backend="asyncio")
+
+
 def asyncio_run_restore(ckpt, path):
     import anyio
     return anyio.run(ckpt.restore, path, backend="asyncio")
@@ -312,9 +317,12 @@ def test_collective_operations_take_turns_through_the_io_rank(tmp_path):
 
 
 def test_dtensors_of_the_same_name_on_different_meshes_stay_apart(tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    whole = np.arange(8 * 3, dtype=np.float32).reshape(8, 3) * 2
+    asyncio_run_write(ac.Checkpoint(model={"w": whole}), tmp_path / "ckpts" / "plain")
     results = run_ranks("dtensor_stages", 4, tmp_path)
     assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
-    assert all(r["same"] for r in results), results
+    assert all(r["same"] and r["from_plain"] for r in results), results
 
 
 def test_replicated_globs():
