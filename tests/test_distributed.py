@@ -323,6 +323,7 @@ def test_dtensors_of_the_same_name_on_different_meshes_stay_apart(tmp_path):
     results = run_ranks("dtensor_stages", 4, tmp_path)
     assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
     assert all(r["same"] and r["from_plain"] for r in results), results
+    assert all("s: DTensor placement" in r["refused"] for r in results), results
 
 
 def test_replicated_globs():
