@@ -316,6 +316,26 @@ def _plan_piece(index: int, spec: ArraySpec, offset: tuple[int, ...],
     return copy
 
 
+def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether two boxes (sorted by their low corner) overlap: a sweep along the first
+    dimension, comparing each box only with those still open there (a few for any real
+    sharding). Past 10 million comparisons the input is taken to be hostile."""
+    if not boxes or not boxes[0][0]:
+        return len(boxes) > 1  # 0-d: more than one piece of a scalar
+    open_boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    budget = 10_000_000
+    for lo, hi in boxes:
+        open_boxes = [box for box in open_boxes if box[1][0] > lo[0]]
+        budget -= len(open_boxes)
+        if budget < 0:
+            return True
+        if any(all(max(a, c) < min(b, d) for a, b, c, d in zip(lo, hi, lo2, hi2))
+               for lo2, hi2 in open_boxes):
+            return True
+        open_boxes.append((lo, hi))
+    return False
+
+
 def check_pieces(path: str, shape: tuple[int, ...],
                  pieces: list[tuple[ArraySpec, tuple[int, ...]]]) -> None:
     """The saved pieces of a sharded value must tile its shape exactly, in one dtype."""
@@ -324,13 +344,9 @@ def check_pieces(path: str, shape: tuple[int, ...],
         problem = "its pieces have different dtypes"
     elif sum(math.prod(spec.shape) for spec, _ in pieces) != math.prod(shape):
         problem = "its pieces do not add up to the whole"
-    elif len(pieces) <= 4096:
-        boxes = [(o, tuple(a + n for a, n in zip(o, spec.shape))) for spec, o in pieces
-                 if math.prod(spec.shape)]
-        for i, (lo1, hi1) in enumerate(boxes):
-            for lo2, hi2 in boxes[i + 1:]:
-                if all(max(a, c) < min(b, d) for a, b, c, d in zip(lo1, hi1, lo2, hi2)):
-                    problem = "two of its pieces overlap"
+    elif _overlap(sorted((tuple(o), tuple(a + n for a, n in zip(o, spec.shape)))
+                         for spec, o in pieces if math.prod(spec.shape))):
+        problem = "two of its pieces overlap"
     if problem:
         raise CorruptCheckpointError(f"{path}: the sharded value of shape {list(shape)} "
                                      f"cannot be rebuilt: {problem}; restore another checkpoint")

@@ -1318,3 +1318,21 @@ def test_a_dtensor_node_with_one_whole_piece_loads(saved):
 def test_bad_dtensor_nodes(saved, node, message):
     _as_dtensor(saved, **node)
     assert_corrupt(saved, message)
+
+
+def test_the_piece_overlap_sweep_agrees_with_comparing_every_pair():
+    import itertools
+    import random
+    from asyncckpt._restore import _overlap
+    rng = random.Random(5)
+    for _ in range(3000):
+        boxes = []
+        for _ in range(rng.randint(1, 7)):
+            lo = tuple(rng.randint(0, 5) for _ in range(2))
+            boxes.append((lo, tuple(a + rng.randint(1, 3) for a in lo)))
+        pairwise = any(all(max(a, c) < min(b, d) for a, b, c, d in zip(l1, h1, l2, h2))
+                       for (l1, h1), (l2, h2) in itertools.combinations(boxes, 2))
+        assert _overlap(sorted(boxes)) == pairwise, boxes
+    grid = [((i * 2, j * 3), (i * 2 + 2, j * 3 + 3)) for i in range(300) for j in range(30)]
+    assert not _overlap(sorted(grid))  # 9000 pieces: checked, not skipped
+    assert _overlap(sorted(grid + [((101, 40), (102, 41))]))
