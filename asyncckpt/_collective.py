@@ -96,8 +96,9 @@ async def write_collective(coord: Coordinator, snap: Any, path: str, options: An
         assert tmp is not None
         target = os.path.join(tmp, shard_for(src))
         try:
-            await anyio.to_thread.run_sync(receive_shard, coord.channel, src, target,
-                                           options.fsync, limiter=streams_limiter)
+            await anyio.to_thread.run_sync(receive_shard, coord.channel, src,
+                                           _writer.FileSink(target, options.fsync),
+                                           limiter=streams_limiter)
         except StreamAborted:
             pass  # that rank's own error arrives with its report
         except Exception as exc:

@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from . import _fs
-
 __all__ = ["Channel", "SendSink", "DATA", "END", "ABORT", "StreamAborted"]
 
 DATA, END, ABORT = 1, 2, 3
@@ -101,14 +99,14 @@ class SendSink:
                 pass
 
 
-def receive_shard(channel: Channel, src: int, path: str, sync: bool) -> int:
-    """On the I/O rank: write rank ``src``'s stream to ``path`` (created on the first chunk)
-    and fsync it. Returns the bytes written; raises ``StreamAborted`` if the sender gave up.
+def receive_shard(channel: Channel, src: int, sink: Any) -> int:
+    """On the I/O rank: hand rank ``src``'s stream to ``sink`` (the writer's ``FileSink``
+    for that rank's shard) and finish it (fsync). Returns the bytes written; raises
+    ``StreamAborted`` if the sender gave up.
 
     After a write failure it keeps receiving (and dropping) until the stream ends, so the
     sender is never left blocked; then it raises that failure.
     """
-    fd = None
     written = 0
     buffer = np.empty(0, np.uint8)
     failure: BaseException | None = None
@@ -127,21 +125,16 @@ def receive_shard(channel: Channel, src: int, path: str, sync: bool) -> int:
             if failure is not None:
                 continue
             try:
-                if fd is None:
-                    fd = _fs.open_new(path)
-                _fs.write_all(fd, memoryview(chunk))
+                sink.write(memoryview(chunk))
                 written += size
             except OSError as exc:
                 failure = exc
         if failure is not None:
             raise failure
-        if fd is not None and sync:
-            _fs.fsync(fd)
+        sink.finish()
     finally:
-        if fd is not None:
-            _fs.close(fd)
+        sink.close()
     return written
-
 
 
 class ChunkReceiver:
