@@ -198,25 +198,27 @@ def _plan_array(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _
     if _torch.is_dtensor(target):  # a whole saved array into a DTensor: one piece of it
         return _plan_pieces(spec.shape, [(node["index"], (0,) * len(spec.shape))], target,
                             path, plan, ctx)
-    result, dest = _destination(target, spec.shape, spec.dtype, path, plan, ctx)
+    finish, dest = _destination(target, spec.shape, spec.dtype, path, plan, ctx)
     plan.specs.append(spec)
     plan.destinations.append(dest)
-    return lambda: result.value if isinstance(result, _Later) else result
+    return finish
 
 
 def _destination(target: Any, shape: tuple[int, ...], dtype: np.dtype, path: str, plan: Plan,
-                 ctx: _Ctx) -> tuple[Any, np.ndarray]:
-    """The value a restore leaves (the target itself, or a new one) and the host array its
-    bytes are read into (a GPU or jax target is filled from it after the read)."""
+                 ctx: _Ctx) -> tuple[Finish, np.ndarray]:
+    """What gives the value a restore leaves (the target itself, or a new one; run after
+    the read) and the host array its bytes are read into (a GPU target is filled from it
+    after the read)."""
     if not (isinstance(target, np.ndarray) or _torch.is_tensor(target)
             or _jax.is_array(target)):  # none, or a scalar: replaced by a new array
         if not ctx.torch:
             dest = np.empty(shape, dtype)
-            return dest, dest
+            return lambda: dest, dest
         if not _torch.can_hold(dtype):
             raise MismatchError(f"{path}: the checkpoint has dtype {dtype}, which a torch "
                                 f"tensor cannot hold; restore it into a numpy array instead")
-        return _torch.fresh_tensor(shape, dtype)
+        fresh, dest = _torch.fresh_tensor(shape, dtype)
+        return lambda: fresh, dest
     got = tuple(target.shape)
     got_dtype = (_torch.numpy_dtype(target.dtype) if _torch.is_tensor(target)
                  else np.dtype(target.dtype))
@@ -226,28 +228,16 @@ def _destination(target: Any, shape: tuple[int, ...], dtype: np.dtype, path: str
             f"restore target has shape {got} dtype {got_dtype}")
     if _jax.is_array(target):  # immutable: a new array on the target's devices
         dest = np.empty(shape, dtype)
-        result = _Later(lambda: _jax.put_like(dest, target))
-        plan.after_read.append(result.run)
-        return result, dest
+        return lambda: _jax.put_like(dest, target), dest
     if isinstance(target, np.ndarray):
         if not target.flags.writeable:
             raise MismatchError(f"{path}: the restore target array is read-only")
-        return target, target
+        return lambda: target, target
     if target.device.type == "cpu":
-        return target, _torch.host_view(target, path)
+        return lambda: target, _torch.host_view(target, path)
     dest = np.empty(shape, dtype)
     plan.after_read.append(lambda: _torch.copy_to_device(target, dest))
-    return target, dest
-
-
-class _Later:
-    """A value made after the read (a new jax array)."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self.make, self.value = make, None
-
-    def run(self) -> None:
-        self.value = self.make()
+    return lambda: target, dest
 
 
 def _plan_sharded(node: dict[str, Any], target: Any, path: str, plan: Plan, ctx: _Ctx
@@ -274,13 +264,13 @@ def _plan_pieces(shape: tuple[int, ...], found: list[_tree.Piece], target: Any, 
                                 f"restore target has shape {got[0]} dtype {got[1]}")
         local, box_offset = _torch.dtensor_local(target)
         _, dest = _destination(local, tuple(local.shape), dtype, path, plan, ctx)
-        result: Any = target
+        finish: Finish = lambda: target  # noqa: E731
     else:
-        result, dest = _destination(target, shape, dtype, path, plan, ctx)
+        finish, dest = _destination(target, shape, dtype, path, plan, ctx)
     copies = [c for i, (spec, offset) in zip(indices, pieces)
               if (c := _plan_piece(i, spec, offset, box_offset, dest, plan)) is not None]
     plan.after_read[mark:mark] = copies  # before any copy of ``dest`` to a device
-    return lambda: result.value if isinstance(result, _Later) else result
+    return finish
 
 
 def _plan_piece(index: int, spec: ArraySpec, offset: tuple[int, ...],
@@ -290,6 +280,10 @@ def _plan_piece(index: int, spec: ArraySpec, offset: tuple[int, ...],
     hi = [min(b + n, o + m) for b, n, o, m in zip(box_offset, dest.shape, offset, spec.shape)]
     if any(a >= b for a, b in zip(lo, hi)):
         return None  # no overlap (or nothing in it)
+    if tuple(offset) == tuple(box_offset) and tuple(spec.shape) == dest.shape:
+        plan.specs.append(spec)  # the same sharding: read straight into place, no copy
+        plan.destinations.append(dest)
+        return None
     in_piece = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
     in_dest = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, box_offset))
     size = spec.dtype.itemsize
