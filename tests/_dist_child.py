@@ -77,27 +77,34 @@ async def wrong_order():
         emit(error=str(exc))
 
 
-async def rank_fails():
+def eio(fd):
+    raise OSError(5, "Input/output error")
+
+
+async def second_save_fails(options, breaking) -> dict:
+    """Save once, let ``breaking()`` break this rank, save again: what each rank saw."""
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
-    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS) as mgr:
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=options) as mgr:
         first = await mgr.save()
-        if rank == 1:
-            def eio(fd):
-                raise OSError(5, "Input/output error")
-            _fs.fsync = eio
+        breaking()
         try:
             await mgr.save()
             error = None
         except ac.SaveError as exc:
             error = str(exc)
         latest = mgr.latest_checkpoint
-    emit(first=first, latest=latest, error=error)
+    return dict(first=first, latest=latest, error=error)
+
+
+async def rank_fails():
+    def breaking():
+        if rank == 1:
+            _fs.fsync = eio
+    emit(**await second_save_fails(OPTS, breaking))
 
 
 async def rank_dies():
-    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
-    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS) as mgr:
-        first = await mgr.save()
+    def breaking():
         if rank == 1:
             real = _fs.open_new
             def die(path):
@@ -105,13 +112,8 @@ async def rank_dies():
                     os._exit(9)
                 return real(path)
             _fs.open_new = die
-        try:
-            await mgr.save()
-            error = None
-        except ac.SaveError as exc:
-            error = str(exc)
-        latest = mgr.latest_checkpoint
-    emit(first=first, latest=latest, error=error, entries=sorted(os.listdir(directory)))
+    outcome = await second_save_fails(OPTS, breaking)
+    emit(**outcome, entries=sorted(os.listdir(directory)))
 
 
 async def replicated_differ():
@@ -126,16 +128,21 @@ async def replicated_differ():
         emit(error=str(exc))
 
 
-def record_file_access():
-    """Wrap every function of the filesystem seam; returns the list of calls made."""
+def spy_on_files(before):
+    """Wrap every public function of the filesystem seam: ``before(name, args)`` runs first."""
     import inspect
-    calls = []
     for name, fn in list(vars(_fs).items()):
         if inspect.isfunction(fn) and fn.__module__ == _fs.__name__ and not name.startswith("_"):
             def spy(*args, _fn=fn, _name=name, **kw):
-                calls.append(f"{_name}{tuple(str(a)[:80] for a in args)}")
+                before(_name, args)
                 return _fn(*args, **kw)
             setattr(_fs, name, spy)
+
+
+def record_file_access():
+    """Every call made through the filesystem seam from now on."""
+    calls = []
+    spy_on_files(lambda name, args: calls.append(f"{name}{tuple(str(a)[:80] for a in args)}"))
     return calls
 
 
@@ -170,23 +177,14 @@ async def io_failures():
     Scenario ``io_eio``: the I/O rank 1 cannot fsync."""
     from asyncckpt import _transport
     io = 0 if scenario == "io_dies" else 1
-    opts = ac.CheckpointOptions(coordination_timeout=8.0, experimental_io_device=io)
-    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
-    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts) as mgr:
-        first = await mgr.save()
+
+    def breaking():
         if scenario == "io_dies" and rank == 1:
             _transport.SendSink.write = lambda self, data: os._exit(9)
         if scenario == "io_eio" and rank == io:
-            def eio(fd):
-                raise OSError(5, "Input/output error")
             _fs.fsync = eio
-        try:
-            await mgr.save()
-            error = None
-        except ac.SaveError as exc:
-            error = str(exc)
-        latest = mgr.latest_checkpoint
-    emit(first=first, latest=latest, error=error)
+    opts = ac.CheckpointOptions(coordination_timeout=8.0, experimental_io_device=io)
+    emit(**await second_save_fails(opts, breaking))
 
 
 def dtensors(version):
@@ -322,16 +320,13 @@ async def commit_crash():
             armed[0] = step[()] == 2
             return out
         _dist.Coordinator.gather = gather
-        for name, fn in list(vars(_fs).items()):
-            if callable(fn) and getattr(fn, "__module__", "") == _fs.__name__ \
-                    and not name.startswith("_"):
-                def spy(*args, _fn=fn, _name=name, **kw):
-                    if armed[0]:
-                        if len(calls) == k:
-                            os._exit(9)
-                        calls.append(_name)
-                    return _fn(*args, **kw)
-                setattr(_fs, name, spy)
+
+        def crash_at_k(name, args):
+            if armed[0]:
+                if len(calls) == k:
+                    os._exit(9)
+                calls.append(name)
+        spy_on_files(crash_at_k)
     step = np.array(0)
     opts = ac.CheckpointOptions(coordination_timeout=3.0)
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
