@@ -375,3 +375,34 @@ def test_sync_manager_logs_a_save_that_fails_while_closing_at_interpreter_exit(t
     assert sorted(e for e in os.listdir(tmp_path) if not e.startswith(".")) == [
         "checkpoint", "ckpt-1"]
     assert not any("asyncckpt-tmp" in e for e in os.listdir(tmp_path))
+
+
+async def test_save_on_an_entered_manager_returns_after_the_retired_files_are_gone(
+        tmp_path, monkeypatch):
+    """Only SaveHandle.wait() returns before the deletion; save() waits for it, as
+    TensorFlow's save does."""
+    release, entered = threading.Event(), threading.Event()
+    real = _fs.remove_tree
+
+    def gated(path):
+        entered.set()
+        release.wait()
+        return real(path)
+    ckpt = ac.Checkpoint(**state())
+    async with ac.CheckpointManager(ckpt, tmp_path, max_to_keep=1) as manager:
+        await manager.save()
+        monkeypatch.setattr(_fs, "remove_tree", gated)
+        saved = []
+
+        async def save() -> None:
+            saved.append(await manager.save())
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(save)
+                await anyio.to_thread.run_sync(entered.wait)  # the deletion has begun
+                await anyio.wait_all_tasks_blocked()
+                assert saved == []  # ... and save() has not returned
+                release.set()
+        finally:
+            release.set()
+        assert saved and not [e for e in os.listdir(tmp_path) if "deleting" in e]
