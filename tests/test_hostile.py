@@ -815,28 +815,22 @@ def test_skippable_frame_before_the_frame(saved):
     assert_corrupt(saved, "not a zstd frame")
 
 
-def test_frame_with_a_window_over_128_mib(saved):
-    """A valid frame, its header rewritten to declare a 256 MiB window."""
+@pytest.mark.parametrize("header, message", [
+    # FHD 0xC0: 8-byte content size, no single segment, no checksum, no dictionary;
+    # window descriptor 0x90: 2**(10 + 18) bytes
+    (b"\x28\xb5\x2f\xfd\xc0\x90", "window"),
+    # FHD 0xC1: 8-byte content size, no single segment, a 1-byte dictionary id;
+    # window descriptor 0x50: 1 MiB
+    (b"\x28\xb5\x2f\xfd\xc1\x50\x07", "needs dictionary 7"),
+], ids=["window over 128 MiB", "needs a dictionary"])
+def test_frame_header_rewritten(saved, header, message):
+    """A valid frame, its header rewritten to declare a 256 MiB window or dictionary 7."""
     def make(s: bytes, raw: bytes) -> bytes:
         real = zstandard.ZstdCompressor().compress(raw)
         blocks = real[zstandard.frame_header_size(real):]
-        # FHD 0xC0: 8-byte content size, no single segment, no checksum, no dictionary;
-        # window descriptor 0x90: 2**(10 + 18) bytes
-        return (b"\x28\xb5\x2f\xfd\xc0\x90" + len(raw).to_bytes(8, "little") + blocks)
+        return header + len(raw).to_bytes(8, "little") + blocks
     _with_frame(saved, make)
-    assert_corrupt(saved, "window")
-
-
-def test_frame_needing_a_dictionary(saved):
-    """A valid frame, its header rewritten to name dictionary 7."""
-    def make(s: bytes, raw: bytes) -> bytes:
-        real = zstandard.ZstdCompressor().compress(raw)
-        blocks = real[zstandard.frame_header_size(real):]
-        # FHD 0xC1: 8-byte content size, no single segment, a 1-byte dictionary id;
-        # window descriptor 0x50: 1 MiB
-        return (b"\x28\xb5\x2f\xfd\xc1\x50\x07" + len(raw).to_bytes(8, "little") + blocks)
-    _with_frame(saved, make)
-    assert_corrupt(saved, "needs dictionary 7")
+    assert_corrupt(saved, message)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "random"])
