@@ -17,7 +17,7 @@ from ._format import Chunk
 
 __all__ = ["DiskModel", "Encoder", "Decoder", "ChunkDamaged"]
 
-_PROBE_BYTES = 64 << 10
+_PROBE_BYTES = 16 << 10
 _MAX_WINDOW = 128 << 20
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
