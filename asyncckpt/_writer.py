@@ -38,6 +38,7 @@ __all__ = ["Snapshot", "take_snapshot", "write_snapshot"]
 
 _SLICE_BYTES = 32 << 20
 _WRITEBACK_BYTES = 64 << 20
+_BATCH_BYTES = 1 << 20  # small chunks travel encoder -> writer in batches of about this size
 
 
 @dataclass
@@ -196,19 +197,39 @@ def _tasks(snap: Snapshot, chunk_bytes: int) -> list[_Task]:
     return tasks
 
 
-def _encode_worker(tasks: list[_Task], counter: Callable[[], int],
+def _batches(tasks: list[_Task]) -> list[range]:
+    """Consecutive task indices grouped into runs of at least ``_BATCH_BYTES`` (a big chunk
+    is a run of its own): one queue hand-off per run, not per chunk, which on a state of
+    hundreds of small arrays was a fifth of a 16 MiB save's time."""
+    runs, start, size = [], 0, 0
+    for i, task in enumerate(tasks):
+        size += task.raw.size
+        if size >= _BATCH_BYTES:
+            runs.append(range(start, i + 1))
+            start, size = i + 1, 0
+    if start < len(tasks):
+        runs.append(range(start, len(tasks)))
+    return runs
+
+
+_Encoded = list[tuple[int, "memoryview | bytes", str, str, int]]
+
+
+def _encode_worker(tasks: list[_Task], batches: list[range], counter: Callable[[], int],
                    make_encoder: Callable[[], Encoder], abort: threading.Event,
-                   out: queue.Queue[tuple[int, memoryview | bytes, str, str, int] | None]) -> None:
-    """Encode and checksum chunks until none are left; hand them to the writer."""
+                   out: queue.Queue[_Encoded | None]) -> None:
+    """Encode and checksum batches of chunks until none are left; hand them to the writer."""
     try:
         encoder = make_encoder()  # in this thread: it uses thread-local zstd contexts
         while not abort.is_set():
-            i = counter()
-            if i >= len(tasks):
+            b = counter()
+            if b >= len(batches):
                 break
-            task = tasks[i]
-            stored, codec, filt = encoder.encode(task.raw, task.itemsize)
-            out.put((i, stored, codec, filt, zlib.crc32(stored)))
+            done: _Encoded = []
+            for i in batches[b]:
+                stored, codec, filt = encoder.encode(tasks[i].raw, tasks[i].itemsize)
+                done.append((i, stored, codec, filt, zlib.crc32(stored)))
+            out.put(done)
     except BaseException:
         abort.set()
         raise
@@ -245,8 +266,7 @@ class FileSink:
 
 
 def _write_worker(sink: Any, name: str, tasks: list[_Task], encoders: int,
-                  abort: threading.Event,
-                  inbox: queue.Queue[tuple[int, memoryview | bytes, str, str, int] | None],
+                  abort: threading.Event, inbox: queue.Queue[_Encoded | None],
                   results: list[tuple[int, Chunk] | None]) -> int:
     """Hand encoded chunks to ``sink`` (a :class:`FileSink`, or a stream to the I/O rank)
     as they come, then finish it (fsync); returns bytes written.
@@ -263,13 +283,13 @@ def _write_worker(sink: Any, name: str, tasks: list[_Task], encoders: int,
                 continue
             if abort.is_set():
                 continue
-            i, stored, codec, filt, crc = item
             try:
-                sink.write(stored)
-                size = len(stored) if isinstance(stored, bytes) else stored.nbytes
-                results[i] = (tasks[i].array,
-                              Chunk(name, offset, size, tasks[i].raw.size, codec, filt, crc))
-                offset += size
+                for i, stored, codec, filt, crc in item:
+                    sink.write(stored)
+                    size = len(stored) if isinstance(stored, bytes) else stored.nbytes
+                    results[i] = (tasks[i].array,
+                                  Chunk(name, offset, size, tasks[i].raw.size, codec, filt, crc))
+                    offset += size
             except BaseException as exc:
                 abort.set()
                 error: BaseException | None = exc
@@ -294,10 +314,11 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
     """
     await snap.ready()
     tasks = _tasks(snap, options.chunk_bytes)
+    batches = _batches(tasks)
     results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
     abort = threading.Event()
     counter = itertools.count().__next__
-    encoders = max(1, min(options.io_threads, len(tasks)))
+    encoders = max(1, min(options.io_threads, len(batches)))
     inbox: queue.Queue = queue.Queue(maxsize=2 * encoders)
     write_started = time.perf_counter()
     make_encoder = functools.partial(
@@ -309,7 +330,7 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
         sink = FileSink(os.path.join(directory, name), options.fsync)
 
     async def run_encoder() -> None:
-        await workers.run(lambda: _encode_worker(tasks, counter, make_encoder, abort, inbox),
+        await workers.run(lambda: _encode_worker(tasks, batches, counter, make_encoder, abort, inbox),
                           on_cancel=abort.set)
 
     async def run_writer() -> None:
