@@ -437,6 +437,30 @@ async def dtensor_stages():
     emit(same=same, from_plain=bool(torch.equal(w.full_tensor(), expected)), refused=refused)
 
 
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+async def io_memory():
+    """Rank 1 streams a 192 MiB rank-local state to the I/O rank 0, which holds almost
+    nothing itself: how much did rank 0's peak resident memory grow while it received?"""
+    rng = np.random.default_rng(rank)
+    size = (192 << 20) if rank == 1 else (64 << 10)
+    state = {f"a{i}": rng.random((size // 4) // 48, dtype=np.float32) for i in range(48)}
+    opts = ac.CheckpointOptions(coordination_timeout=30.0, experimental_io_device=0)
+    ckpt = ac.Checkpoint(state=state)
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=1, options=opts) as mgr:
+        await mgr.save()  # warm-up: pools, threads, the gloo group
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+        before = _hwm_kib()
+        await mgr.save()
+        grew = _hwm_kib() - before
+        stored = mgr.checkpoint.last_save_metrics.stored_bytes
+    emit(grew_kib=grew, stored=stored)
+
+
 def sync_manager():
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), replicated=["model/**"])
     with ac.SyncCheckpointManager(ckpt, directory, max_to_keep=1, options=OPTS) as mgr:
@@ -460,6 +484,6 @@ else:
                "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
                "store_keys": store_keys, "io_damaged": io_damaged,
                "io_interleaved": io_interleaved, "dtensor_stages": dtensor_stages,
-               "collective_order": collective_order}[scenario],
+               "collective_order": collective_order, "io_memory": io_memory}[scenario],
               backend="asyncio")
 dist.destroy_process_group()
