@@ -35,6 +35,21 @@ def is_tensor(value: object) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+_PLAIN: list[frozenset[type]] = []
+
+
+def plain_tensor_types() -> frozenset[type]:
+    """``torch.Tensor`` and ``nn.Parameter`` (exact types, no subclass), once torch is
+    imported: what most leaves are, told apart by one set lookup."""
+    if _PLAIN:
+        return _PLAIN[0]
+    torch = _torch()
+    if torch is None:
+        return frozenset()
+    _PLAIN.append(frozenset({torch.Tensor, torch.nn.Parameter}))
+    return _PLAIN[0]
+
+
 def is_dtensor(value: object) -> bool:
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(value, module.DTensor)
@@ -111,14 +126,27 @@ def host_view(tensor: Any, path: str) -> np.ndarray:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    name = str(t.dtype).removeprefix("torch.")
     try:
-        if name in _BITS:
-            return t.view(getattr(_torch(), _BITS[name])).numpy().view(numpy_dtype(t.dtype))
+        bits = _bits_of(t.dtype)
+        if bits is not None:
+            return t.view(bits[0]).numpy().view(bits[1])
         return t.numpy()
     except (TypeError, RuntimeError) as exc:
         raise TypeError(f"{path}: cannot save a tensor of dtype {t.dtype} "
                         f"({exc}); convert it first") from exc
+
+
+_BITS_OF: dict[Any, tuple[Any, np.dtype] | None] = {}
+
+
+def _bits_of(dtype: Any) -> tuple[Any, np.dtype] | None:
+    """For a dtype numpy lacks (bfloat16, float8): the same-width integer torch dtype to view
+    it as, and the ml_dtypes dtype to view the result as; None for the others."""
+    if dtype not in _BITS_OF:
+        name = str(dtype).removeprefix("torch.")
+        _BITS_OF[dtype] = ((getattr(_torch(), _BITS[name]), numpy_dtype(dtype))
+                           if name in _BITS else None)
+    return _BITS_OF[dtype]
 
 
 def can_hold(dtype: np.dtype) -> bool:

@@ -67,12 +67,21 @@ class ArrayLeaf:
         return cls(path, array, array.dtype, array.shape)
 
 
+_ESCAPED: dict[str, str] = {}  # every save escapes the same keys again
+
+
 def escape_segment(key: str | int) -> str:
     """One key-path segment (docs/format.md, "Key paths")."""
     if isinstance(key, int):
         return str(key)
-    seg = key.replace("~", "~0").replace("/", "~1")
-    return "~2" + seg if _INT_RE.match(seg) else seg
+    seg = _ESCAPED.get(key)
+    if seg is None:
+        seg = key.replace("~", "~0").replace("/", "~1")
+        seg = "~2" + seg if _INT_RE.match(seg) else seg
+        if len(_ESCAPED) >= 1 << 16:
+            _ESCAPED.clear()
+        _ESCAPED[key] = seg
+    return seg
 
 
 def join_path(prefix: str, key: str | int) -> str:
@@ -85,8 +94,18 @@ def has_state_dict(value: object) -> bool:
     )
 
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
 def dtype_to_str(dtype: np.dtype, path: str) -> str:
     """The manifest name of an array's dtype; ``TypeError`` for dtypes v1 cannot store."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = _dtype_name(dtype, path)
+    return name
+
+
+def _dtype_name(dtype: np.dtype, path: str) -> str:
     if dtype.type.__module__.startswith("ml_dtypes"):
         if dtype.name in _ML_DTYPE_NAMES:
             return dtype.name
@@ -142,6 +161,8 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
         dtype_to_str(value.dtype, path)
         arrays.append(ArrayLeaf.of(path, value))
         return {"t": "array", "index": len(arrays) - 1}
+    if type(value) in _torch.plain_tensor_types():  # the common case, before slower checks
+        return _encode_tensor(value, path, arrays)
     if _jax.is_array(value):
         dtype = np.dtype(value.dtype)
         dtype_to_str(dtype, path)
@@ -157,15 +178,7 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
             pieces.append([piece["index"], list(offset)])
         return {"t": "dtensor", "shape": list(shape), "mesh": mesh, "pieces": pieces}
     if _torch.is_tensor(value):
-        if value.device.type == "cpu":
-            host = _torch.host_view(value, path)
-            dtype_to_str(host.dtype, path)
-            arrays.append(ArrayLeaf.of(path, host))
-        else:
-            dtype = _torch.numpy_dtype(value.dtype)
-            dtype_to_str(dtype, path)
-            arrays.append(ArrayLeaf(path, None, dtype, tuple(value.shape), device=value))
-        return {"t": "array", "index": len(arrays) - 1}
+        return _encode_tensor(value, path, arrays)
     if isinstance(value, np.generic):
         if isinstance(value, np.object_):
             raise TypeError(f"{path}: numpy object scalars cannot be saved")
@@ -196,6 +209,18 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
         f"arrays or scalars, int, float, bool, str, bytes or None, in dict/list/tuple "
         f"containers, or objects with state_dict()/load_state_dict()"
     )
+
+
+def _encode_tensor(value: Any, path: str, arrays: list[ArrayLeaf]) -> dict[str, Any]:
+    if value.is_cpu:
+        host = _torch.host_view(value, path)
+        dtype_to_str(host.dtype, path)
+        arrays.append(ArrayLeaf.of(path, host))
+    else:
+        dtype = _torch.numpy_dtype(value.dtype)
+        dtype_to_str(dtype, path)
+        arrays.append(ArrayLeaf(path, None, dtype, tuple(value.shape), device=value))
+    return {"t": "array", "index": len(arrays) - 1}
 
 
 def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
