@@ -310,7 +310,7 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
     them to ``sink``, which stands for that file on another rank).
 
     Returns the chunk tasks, per task ``(array index, Chunk)``, and the bytes written.
-    Cancellation: the workers stop after their current chunk; the caller removes the file.
+    Cancellation: the workers stop after their current batch; the caller removes the file.
     """
     await snap.ready()
     tasks = _tasks(snap, options.chunk_bytes)
@@ -330,8 +330,9 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
         sink = FileSink(os.path.join(directory, name), options.fsync)
 
     async def run_encoder() -> None:
-        await workers.run(lambda: _encode_worker(tasks, batches, counter, make_encoder, abort, inbox),
-                          on_cancel=abort.set)
+        await workers.run(
+            lambda: _encode_worker(tasks, batches, counter, make_encoder, abort, inbox),
+            on_cancel=abort.set)
 
     async def run_writer() -> None:
         written[0] = await workers.run(
@@ -359,7 +360,7 @@ async def write_snapshot(snap: Snapshot, path: str, options: CheckpointOptions,
     Raises ``SaveError`` (with the cause) on any failure; the temporary directory is then
     removed and whatever was at ``path`` before is untouched.
 
-    Cancellation: before publication starts, the workers stop after their current chunk, the
+    Cancellation: before publication starts, the workers stop after their current batch, the
     temporary directory is removed and nothing is published; publication itself is shielded.
     """
     tmp = _commit.temp_dir_for(path)
