@@ -143,9 +143,8 @@ class Checkpoint:
                                              coord.world)
                 return [owners.get(leaf.path, coord.rank) == coord.rank for leaf in leaves]
         shared: list[Any] = []
-        replicated = self._is_replicated if coord is not None else None
         snap = await _writer.take_snapshot(self._values, save_counter, self._pool, options,
-                                           stage, replicated)
+                                           stage)
         if shared and options.check_replicated:
             # Still the blocking part (the caller's arrays are unchanged until we return),
             # but the checksums run in a worker thread, not on the event loop.

@@ -81,29 +81,6 @@ def dtensor_layout(value: Any, path: str
             mesh_ranks(value))
 
 
-def first_replica(value: Any) -> bool:
-    """Whether this rank holds the first data-parallel replica of a DTensor: its device mesh
-    was sliced from a bigger one (say ``mesh["tp"]`` of a ``("dp", "tp")`` mesh), and along
-    every dimension of the bigger mesh that its own lacks, this rank is at coordinate 0.
-    Asked only for values the user declared identical on every rank (``replicated``). True
-    when the mesh is not a slice: there is nothing to tell replicas apart by."""
-    mesh = value.device_mesh
-    try:
-        root = mesh._get_root_mesh()
-    except AttributeError:  # older torch
-        try:
-            from torch.distributed.device_mesh import _mesh_resources
-            root = _mesh_resources.get_root_mesh(mesh)
-        except (ImportError, AttributeError):
-            return True
-    own = set(mesh.mesh_dim_names or ())
-    names = getattr(root, "mesh_dim_names", None)
-    coordinate = root.get_coordinate() if root is not None else None
-    if root is None or root is mesh or not own or names is None or coordinate is None:
-        return True
-    return all(c == 0 for name, c in zip(names, coordinate) if name not in own)
-
-
 def mesh_ranks(value: Any) -> list[int]:
     """The global ranks of a DTensor's device mesh, in mesh order."""
     return [int(r) for r in value.device_mesh.mesh.flatten().tolist()]

@@ -143,27 +143,17 @@ def str_to_dtype(text: object) -> np.dtype:
         raise ValueError(f"unknown dtype {text!r} ({exc})") from exc
 
 
-def flatten(name: str, value: Any, arrays: list[ArrayLeaf] | None = None,
-            replicated: Callable[[str], bool] | None = None
+def flatten(name: str, value: Any, arrays: list[ArrayLeaf] | None = None
             ) -> tuple[dict[str, Any], list[ArrayLeaf]]:
     """Encode one tracked value as a manifest node; arrays are collected (appended to
-    ``arrays``, which node indices count into), not copied.
-
-    ``replicated(path)``: whether the value at ``path`` is the same on every rank. A DTensor
-    there is written by its first data-parallel replica only (``_torch.first_replica``)."""
+    ``arrays``, which node indices count into), not copied."""
     arrays = [] if arrays is None else arrays
-    node = _encode(value, name, arrays, 0, _Walk(set(), replicated))
+    node = _encode(value, name, arrays, 0, set())
     return node, arrays
 
 
-@dataclasses.dataclass
-class _Walk:
-    active: set[int]                                # ids of the containers being encoded
-    replicated: Callable[[str], bool] | None
-
-
 def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
-            walk: _Walk) -> dict[str, Any]:
+            active: set[int]) -> dict[str, Any]:
     if depth > MAX_DEPTH:
         raise ValueError(f"{path}: containers nest deeper than {MAX_DEPTH} levels; a "
                          f"checkpoint cannot hold such a tree")
@@ -181,11 +171,9 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
         return {"t": "array", "index": len(arrays) - 1}
     if _torch.is_dtensor(value):  # a Tensor subclass: before plain tensors
         shape, offset, writes, mesh = _torch.dtensor_layout(value, path)
-        if writes and walk.replicated is not None and walk.replicated(path):
-            writes = _torch.first_replica(value)
         pieces = []
         if writes:
-            piece = _encode(value.to_local(), path, arrays, depth, walk)
+            piece = _encode(value.to_local(), path, arrays, depth, active)
             arrays[-1] = dataclasses.replace(arrays[-1], sharded=True)
             pieces.append([piece["index"], list(offset)])
         return {"t": "dtensor", "shape": list(shape), "mesh": mesh, "pieces": pieces}
@@ -209,13 +197,13 @@ def _encode(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
     if isinstance(value, bytes):
         return {"t": "bytes", "value": base64.b64encode(value).decode("ascii")}
     if isinstance(value, (dict, list, tuple)) or has_state_dict(value):
-        if id(value) in walk.active:
+        if id(value) in active:
             raise ValueError(f"{path}: the tree contains a reference cycle")
-        walk.active.add(id(value))
+        active.add(id(value))
         try:
-            return _encode_container(value, path, arrays, depth, walk)
+            return _encode_container(value, path, arrays, depth, active)
         finally:
-            walk.active.discard(id(value))
+            active.discard(id(value))
     raise TypeError(
         f"{path}: cannot save a value of type {type(value).__qualname__}; leaves must be numpy "
         f"arrays or scalars, int, float, bool, str, bytes or None, in dict/list/tuple "
@@ -236,7 +224,7 @@ def _encode_tensor(value: Any, path: str, arrays: list[ArrayLeaf]) -> dict[str, 
 
 
 def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int,
-                      walk: _Walk) -> dict[str, Any]:
+                      active: set[int]) -> dict[str, Any]:
     if depth > MAX_DEPTH:
         raise ValueError(f"{path}: containers nest deeper than {MAX_DEPTH} levels; a "
                          f"checkpoint cannot hold such a tree")
@@ -252,16 +240,16 @@ def _encode_container(value: Any, path: str, arrays: list[ArrayLeaf], depth: int
                 raise ValueError(f"{path}: dict key {key} does not fit in 64 bits; int keys "
                                  f"must lie in [-2**63, 2**63)")
             items.append([key if isinstance(key, str) else int(key),
-                          _encode(item, join_path(path, key), arrays, depth + 1, walk)])
+                          _encode(item, join_path(path, key), arrays, depth + 1, active)])
         return {"t": "dict", "items": items}
     if isinstance(value, (list, tuple)):
         kind = "tuple" if isinstance(value, tuple) else "list"
-        return {"t": kind, "items": [_encode(item, join_path(path, i), arrays, depth + 1, walk)
+        return {"t": kind, "items": [_encode(item, join_path(path, i), arrays, depth + 1, active)
                                      for i, item in enumerate(value)]}
     state = value.state_dict()
     if not isinstance(state, dict):
         raise TypeError(f"{path}: state_dict() returned {type(state).__qualname__}, not a dict")
-    return {"t": "state", "value": _encode_container(state, path, arrays, depth + 1, walk)}
+    return {"t": "state", "value": _encode_container(state, path, arrays, depth + 1, active)}
 
 
 def decode_scalar(node: dict[str, Any]) -> Any:
@@ -330,8 +318,7 @@ def dtensor_pieces(trees: list[dict[str, Any]]
     """Every written piece of every sharded (DTensor) value, by key path and then by device
     mesh (global ranks), over all ranks' trees. Values on different meshes under one key
     path (pipeline stages, or data-parallel replicas of a tensor-parallel value) are kept
-    apart; a piece listed twice is listed once; a mesh none of whose ranks wrote a piece
-    (replicas after the first, of a value under a ``replicated`` glob) is left out."""
+    apart; a piece listed twice is listed once."""
     found: dict[str, dict[tuple[int, ...], dict[tuple[int, ...], int]]] = {}
 
     def walk(node: dict[str, Any], path: str) -> None:
@@ -352,5 +339,5 @@ def dtensor_pieces(trees: list[dict[str, Any]]
         for name, node in tree.items():
             walk(node, name)
     return {path: {mesh: [(index, offset) for offset, index in pieces.items()]
-                   for mesh, pieces in sorted(meshes.items()) if pieces}
+                   for mesh, pieces in sorted(meshes.items())}
             for path, meshes in found.items()}

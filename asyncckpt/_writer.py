@@ -117,13 +117,12 @@ def _copy_all(jobs: list[tuple[np.ndarray, Any]]) -> None:
 
 async def take_snapshot(values: dict[str, Any], save_counter: int, pool: StagingPool,
                         options: CheckpointOptions,
-                        stage: Callable[[list[_tree.ArrayLeaf]], list[bool]] | None = None,
-                        replicated: Callable[[str], bool] | None = None) -> Snapshot:
+                        stage: Callable[[list[_tree.ArrayLeaf]], list[bool]] | None = None
+                        ) -> Snapshot:
     """Copy the tracked values into staging memory; afterwards the caller may change them.
 
     ``stage`` picks the arrays this process writes (several processes share replicated
     ones); the others are recorded but not copied (their arena offset is -1).
-    ``replicated`` goes to ``_tree.flatten`` (DTensors written by their first replica).
 
     Cancellation: the staging memory is returned and nothing else happened (no trace).
     """
@@ -132,7 +131,7 @@ async def take_snapshot(values: dict[str, Any], save_counter: int, pool: Staging
     nodes: dict[str, Any] = {}
     leaves: list[_tree.ArrayLeaf] = []
     for name, value in values.items():
-        nodes[name], _ = _tree.flatten(name, value, leaves, replicated)
+        nodes[name], _ = _tree.flatten(name, value, leaves)
     all_leaves = leaves
     if stage is not None:
         keep = stage(leaves)

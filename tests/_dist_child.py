@@ -437,20 +437,6 @@ async def dtensor_stages():
     emit(same=same, from_plain=bool(torch.equal(w.full_tensor(), expected)), refused=refused)
 
 
-async def dtensor_replicas():
-    """Tensor parallelism inside data-parallel replicas on a ("dp", "tp") mesh: the same "w"
-    sharded over each replica's "tp" sub-mesh. Declared replicated, it is written once."""
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    whole = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
-    w = distribute_tensor(whole, mesh["tp"], [Shard(0)])
-    ckpt = ac.Checkpoint(model={"w": w}, replicated=["model/**"])
-    path = await ckpt.write(os.path.join(directory, "replicas"), OPTS)
-    w.to_local().zero_()
-    await ckpt.restore(path, OPTS)
-    emit(path=path, same=bool(torch.equal(w.full_tensor(), whole)))
-
-
 def _hwm_kib() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -498,7 +484,6 @@ else:
                "dtensor_one": dtensor_one, "two_checkpoints": two_checkpoints,
                "store_keys": store_keys, "io_damaged": io_damaged,
                "io_interleaved": io_interleaved, "dtensor_stages": dtensor_stages,
-               "collective_order": collective_order, "io_memory": io_memory,
-               "dtensor_replicas": dtensor_replicas}[scenario],
+               "collective_order": collective_order, "io_memory": io_memory}[scenario],
               backend="asyncio")
 dist.destroy_process_group()

@@ -191,21 +191,6 @@ def test_dtensors_reshard_from_2_to_4_to_1_ranks(tmp_path):
     assert np.array_equal(target["rep"], (rows + 1) * 2)
 
 
-def test_dtensor_of_data_parallel_replicas_is_written_once(tmp_path):
-    results = run_ranks("dtensor_replicas", 4, tmp_path)
-    assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
-    assert all(r["same"] for r in results), results
-    from asyncckpt import _reader, _tree
-    import anyio
-    path = results[0]["path"]
-    manifest = anyio.run(_reader.read_manifest, path, backend="asyncio")
-    # the first replica's tensor-parallel ranks 0 and 1 wrote a piece each; ranks 2, 3 none
-    assert {m: len(p) for m, p in _tree.dtensor_pieces(list(manifest.ranks))["model/w"].items()
-            } == {(0, 1): 2}
-    whole = asyncio_run_load(path)["model"]["w"]
-    assert np.array_equal(whole, np.arange(8 * 3, dtype=np.float32).reshape(8, 3))
-
-
 def asyncio_run_load(path):
     import anyio
     return anyio.run(ac.load, path, backend="asyncio")
