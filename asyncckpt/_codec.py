@@ -123,16 +123,19 @@ class Encoder:
         ``r`` at ``C`` bytes/s saves time iff ``1/C + r/(disk/T) < 1/(disk/T)``, that is iff
         ``r < 1 - (disk/T)/C``.
         """
-        # At most a sixteenth of the chunk: on hundreds of small arrays whole-chunk probes
-        # made the decision cost a quarter of the save.
-        size = min(_PROBE_BYTES, max(_MIN_PROBE_BYTES, raw.size // 16)) // itemsize * itemsize
-        size = min(size, raw.size // itemsize * itemsize)
+        # A sixteenth of the chunk, within 2-16 KiB (the whole of a smaller chunk) and at
+        # least one item: on hundreds of small arrays whole-chunk probes made the decision
+        # cost a quarter of the save.
+        size = min(_PROBE_BYTES, max(_MIN_PROBE_BYTES, raw.size // 16))
+        size = min(max(size // itemsize, 1) * itemsize, raw.size // itemsize * itemsize)
         if size == 0:
             return False
         start = (raw.size // 2) // itemsize * itemsize
         start = min(start, raw.size - size)
         sample = raw[start:start + size]
         if use_shuffle:
+            if self._probe.size < size:  # one item bigger than the usual probe
+                self._probe = _scratch("probe", size)
             sample = shuffle_into(sample, itemsize, self._probe)
         per_thread_disk = self._disk.bytes_per_second / self._threads
         ratio, seconds = self._time(sample)

@@ -37,6 +37,11 @@ def test_the_probe_is_at_most_a_sixteenth_of_big_chunks(monkeypatch, chunk, prob
     assert seen == [probe]
 
 
+def test_items_bigger_than_the_probe_are_probed_whole():
+    zeros = np.zeros(10 * 20000, np.uint8)  # ten items of a 20,000-byte dtype (say U5000)
+    assert encoder().encode(zeros, 20000)[1] == "zstd"
+
+
 def test_a_well_shrinking_probe_that_timed_slow_is_timed_again(monkeypatch):
     enc = encoder()
     timings = iter([(0.01, 1.0), (0.01, 1e-6)])  # preempted once, then at its real speed

@@ -143,7 +143,10 @@ def test_io_rank_receives_a_stream_without_holding_it(tmp_path):
     results = run_ranks("io_memory", 2, tmp_path)
     assert all(r["rc"] == 0 for r in results), [r["err"] for r in results]
     assert results[1]["stored"] > 150 << 20  # random floats: the stream really was big
-    assert results[0]["grew_kib"] < 48 << 10, results[0]  # a few chunks in flight, not 192 MiB
+    # a few chunks in flight, not 192 MiB: in the first save (pools, threads and the gloo
+    # group are made then, ~13 MiB) and in the second (nothing kept from the first, ~8 MiB)
+    assert results[0]["first_kib"] < 48 << 10, results[0]
+    assert results[0]["grew_kib"] < 48 << 10, results[0]
 
 
 def test_dtensors_reshard_from_2_to_4_to_1_ranks(tmp_path):
