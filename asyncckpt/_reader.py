@@ -146,25 +146,39 @@ def chunk_order(specs: list[ArraySpec]) -> list[tuple[int, int, Chunk]]:
     return out
 
 
+_BATCH_BYTES = 1 << 20  # small chunks go reader -> verifier in batches of about this size
+_Read = list[tuple[_Job, "memoryview | None"]]
+
+
 def _read_stage(jobs: list[_Job], shards: Any, abort: threading.Event, consumers: int,
-                out: queue.Queue[tuple[_Job, memoryview | None] | None]) -> None:
+                out: queue.Queue[_Read | None]) -> None:
     """Read the chunks in file order, one sequential stream (measured faster here than
     interleaved readers): raw chunks straight into their destination, others into a buffer.
     ``shards`` reads a chunk's stored bytes into a buffer (``fetch(chunk, into)``): from the
-    shard files, or from the I/O rank. Always ends with one end marker per verifier."""
+    shard files, or from the I/O rank. Chunks are handed over in batches that end once they
+    hold ``_BATCH_BYTES`` (one queue hand-off per chunk cost a state of hundreds of small
+    arrays more than its checksums). Always ends with one end marker per verifier."""
     try:
+        batch: _Read = []
+        size = 0
         for job in jobs:
             if abort.is_set():
                 break
             spec, chunk, start, out_bytes = job
             if is_raw(chunk):
                 shards.fetch(chunk, memoryview(out_bytes[start:start + chunk.raw_len]))
-                out.put((job, None))
+                batch.append((job, None))
             else:
                 stored = memoryview(bytearray(chunk.stored_len))
                 shards.fetch(chunk, stored)
-                out.put((job, stored))
+                batch.append((job, stored))
+            size += chunk.stored_len
+            if size >= _BATCH_BYTES:
+                out.put(batch)
+                batch, size = [], 0
         else:
+            if batch:
+                out.put(batch)
             shards.fetch_end()
     except EOFError as exc:
         abort.set()
@@ -179,7 +193,7 @@ def _read_stage(jobs: list[_Job], shards: Any, abort: threading.Event, consumers
             out.put(None)
 
 
-def _verify_stage(directory: str, inbox: queue.Queue[tuple[_Job, memoryview | None] | None],
+def _verify_stage(directory: str, inbox: queue.Queue[_Read | None],
                   abort: threading.Event) -> None:
     """Check and decode what the reader hands over; drains the queue after a failure."""
     decoder = Decoder()
@@ -188,31 +202,40 @@ def _verify_stage(directory: str, inbox: queue.Queue[tuple[_Job, memoryview | No
         item = inbox.get()
         if item is None:
             break
-        if failure is not None or abort.is_set():
-            continue
-        (spec, chunk, start, out_bytes), stored = item
-        out = out_bytes[start:start + chunk.raw_len]
-        try:
-            if stored is None:
-                decoder.verify(memoryview(out), chunk)
-            else:
-                decoder.decode(stored, chunk, spec.dtype.itemsize, out)
-            if spec.dtype.kind == "U":
-                try:
-                    _tree.check_code_points(out.view(spec.dtype))
-                except ValueError as exc:
-                    raise ChunkDamaged(str(exc)) from exc
-        except ChunkDamaged as exc:
-            abort.set()
-            failure = CorruptCheckpointError(
-                f"{spec.path}: chunk at {os.path.join(directory, chunk.file)}:{chunk.offset} "
-                f"is damaged ({exc}); restore from another checkpoint")
-            failure.__cause__ = exc
-        except BaseException as exc:
-            abort.set()
-            failure = exc
+        for (spec, chunk, start, out_bytes), stored in item:
+            if failure is not None or abort.is_set():
+                break
+            failure = _check(decoder, directory, spec, chunk, stored,
+                             out_bytes[start:start + chunk.raw_len], abort)
     if failure is not None:
         raise failure
+
+
+def _check(decoder: Decoder, directory: str, spec: ArraySpec, chunk: Chunk,
+           stored: memoryview | None, out: np.ndarray, abort: threading.Event
+           ) -> BaseException | None:
+    """Verify (and decode) one chunk into ``out``; its failure, if any (abort is then set)."""
+    try:
+        if stored is None:
+            decoder.verify(memoryview(out), chunk)
+        else:
+            decoder.decode(stored, chunk, spec.dtype.itemsize, out)
+        if spec.dtype.kind == "U":
+            try:
+                _tree.check_code_points(out.view(spec.dtype))
+            except ValueError as exc:
+                raise ChunkDamaged(str(exc)) from exc
+    except ChunkDamaged as exc:
+        abort.set()
+        failure = CorruptCheckpointError(
+            f"{spec.path}: chunk at {os.path.join(directory, chunk.file)}:{chunk.offset} "
+            f"is damaged ({exc}); restore from another checkpoint")
+        failure.__cause__ = exc
+        return failure
+    except BaseException as exc:
+        abort.set()
+        return exc
+    return None
 
 
 async def read_arrays(directory: str, specs: list[ArraySpec], destinations: list[np.ndarray],

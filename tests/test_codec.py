@@ -82,3 +82,20 @@ async def test_many_small_arrays_round_trip_in_batches(tmp_path):
     assert back.keys() == values.keys()
     for k, v in values.items():
         np.testing.assert_array_equal(back[k], v)
+
+
+async def test_a_damaged_small_chunk_inside_a_batch_is_named(tmp_path):
+    from asyncckpt import _reader
+    values = {f"a{i}": rng.standard_normal(3000).astype(np.float32) for i in range(300)}
+    ckpt = ac.Checkpoint(v=values)
+    path = await ckpt.write(tmp_path / "c")
+    manifest = await _reader.read_manifest(path)
+    spec = next(s for s in manifest.arrays if s.path == "v/a150")
+    chunk = spec.chunks[0]
+    with open(tmp_path / "c" / chunk.file, "r+b") as f:
+        f.seek(chunk.offset + chunk.stored_len // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ac.CorruptCheckpointError, match="v/a150"):
+        await ckpt.restore(path)
