@@ -19,6 +19,7 @@ __all__ = ["DiskModel", "Encoder", "Decoder", "ChunkDamaged"]
 
 _PROBE_BYTES = 16 << 10
 _MIN_PROBE_BYTES = 2 << 10
+_SURE_RATIO = 0.1
 _MAX_WINDOW = 128 << 20
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -139,6 +140,10 @@ class Encoder:
             sample = shuffle_into(sample, itemsize, self._probe)
         per_thread_disk = self._disk.bytes_per_second / self._threads
         ratio, seconds = self._time(sample)
+        if ratio < _SURE_RATIO:
+            # Shrinks tenfold (zeros, masks): zstd runs at several GB/s on such bytes, and
+            # a probe of microseconds is too short to time against the disk reliably.
+            return True
         if ratio >= 1.0 - per_thread_disk * seconds / size:
             if ratio > 0.9:
                 return False

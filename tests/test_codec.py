@@ -44,13 +44,17 @@ def test_items_bigger_than_the_probe_are_probed_whole():
 
 def test_a_well_shrinking_probe_that_timed_slow_is_timed_again(monkeypatch):
     enc = encoder()
-    timings = iter([(0.01, 1.0), (0.01, 1e-6)])  # preempted once, then at its real speed
+    timings = iter([(0.3, 1.0), (0.3, 1e-6)])  # preempted once, then at its real speed
     monkeypatch.setattr(enc, "_time", lambda sample: next(timings))
     assert enc.encode(np.zeros(1 << 20, np.uint8), 1)[1] == "zstd"
 
-    always_slow = iter([(0.01, 1.0), (0.01, 1.0)])
+    always_slow = iter([(0.3, 1.0), (0.3, 1.0)])
     monkeypatch.setattr(enc, "_time", lambda sample: next(always_slow))
     assert enc.encode(np.zeros(1 << 20, np.uint8), 1)[1] == "raw"
+
+    tenfold = iter([(0.05, 1.0)])  # shrinks tenfold: compressed however slow the probe looked
+    monkeypatch.setattr(enc, "_time", lambda sample: next(tenfold))
+    assert enc.encode(np.zeros(1 << 20, np.uint8), 1)[1] == "zstd"
 
     hardly_shrinks = iter([(0.95, 1.0)])  # not worth a second look
     monkeypatch.setattr(enc, "_time", lambda sample: next(hardly_shrinks))
