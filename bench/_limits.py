@@ -35,12 +35,21 @@ import numpy as np
 __all__ = [
     "BLOCK", "FRAME", "byte_view", "copy_jobs", "memcpy_seconds", "disk_write_seconds",
     "cold_read_seconds", "sample_frames", "zstd_throughput", "drop_page_cache", "median_time",
-    "Floors", "CpuWatch", "wait_quiet",
+    "Floors", "CpuWatch", "wait_quiet", "fsync_path",
 ]
 
 BLOCK = 8 << 20          # write / read block
 FRAME = 4 << 20          # zstd frame (the engine's default chunk)
 _SLICE = 32 << 20        # big arrays are copied in slices of this size (as the engine does)
+
+
+def fsync_path(path: str) -> None:
+    """fsync one file or directory (what the peers leave out of their durable time)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def byte_view(array: np.ndarray) -> np.ndarray:

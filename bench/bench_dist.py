@@ -175,12 +175,8 @@ async def child(args: argparse.Namespace, rank: int, world: int, base: str) -> N
             """What DCP leaves out: fsync the directory holding every rank's files (rank 0
             wrote the metadata last, after the others' files) and the one holding it."""
             if rank == 0:
-                for d in (path, os.path.dirname(path)):
-                    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                lim.fsync_path(path)
+                lim.fsync_path(os.path.dirname(path))
 
         names = list(CONFIGS)
         for i in range(args.saves + 1):                   # i == 0: warm-up

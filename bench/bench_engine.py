@@ -301,14 +301,6 @@ async def run_engine(tree: dict[str, Any], options: ac.CheckpointOptions, direct
 # --- peers -------------------------------------------------------------------------------------
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def run_peer(name: str, save: Callable[[str], None], load: Callable[[str], Any],
              directory: str, repeats: int) -> dict[str, Any]:
     blocking, durable, loads = [], [], []
@@ -317,8 +309,8 @@ def run_peer(name: str, save: Callable[[str], None], load: Callable[[str], Any],
         t0 = time.perf_counter()
         save(path)
         t1 = time.perf_counter()
-        _fsync_path(path)
-        _fsync_path(directory)
+        lim.fsync_path(path)
+        lim.fsync_path(directory)
         t2 = time.perf_counter()
         if r:
             blocking.append(t1 - t0)

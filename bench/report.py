@@ -103,24 +103,16 @@ def stored_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: str) -> None:
     """fsync a file, or every file and directory below a directory; then its parent."""
     if os.path.isdir(path):
         for root, dirs, files in os.walk(path):
             for f in files:
-                fsync_path(os.path.join(root, f))
-            fsync_path(root)
+                lim.fsync_path(os.path.join(root, f))
+            lim.fsync_path(root)
     else:
-        fsync_path(path)
-    fsync_path(os.path.dirname(path))
+        lim.fsync_path(path)
+    lim.fsync_path(os.path.dirname(path))
 
 
 def remove(path: str) -> None:
