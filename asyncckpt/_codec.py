@@ -140,17 +140,18 @@ class Encoder:
             sample = shuffle_into(sample, itemsize, self._probe)
         per_thread_disk = self._disk.bytes_per_second / self._threads
         ratio, seconds = self._time(sample)
+
+        def pays(seconds: float) -> bool:
+            return ratio < 1.0 - per_thread_disk * seconds / size
         if ratio < _SURE_RATIO:
             # Shrinks tenfold (zeros, masks): zstd runs at several GB/s on such bytes, and
             # a probe of microseconds is too short to time against the disk reliably.
             return True
-        if ratio >= 1.0 - per_thread_disk * seconds / size:
-            if ratio > 0.9:
-                return False
-            # A sample that shrinks well but timed slow: a probe takes microseconds, so one
-            # preemption or page fault can multiply its time. Time it once more, keep the best.
-            seconds = min(seconds, self._time(sample)[1])
-        return ratio < 1.0 - per_thread_disk * seconds / size
+        if pays(seconds) or ratio > 0.9:
+            return pays(seconds)
+        # A sample that shrinks well but timed slow: a probe takes microseconds, so one
+        # preemption or page fault can multiply its time. Time it once more, keep the best.
+        return pays(min(seconds, self._time(sample)[1]))
 
     def _time(self, sample: np.ndarray) -> tuple[float, float]:
         """(compression ratio, seconds) of compressing ``sample``."""
