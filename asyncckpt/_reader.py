@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _fs, _tree
 from ._codec import ChunkDamaged, Decoder
+from ._workers import runs
 from ._errors import CorruptCheckpointError, RestoreError, first_error
 from ._format import MANIFEST_LIMIT, MANIFEST_NAME, ArraySpec, Chunk, Manifest, decode_manifest
 
@@ -146,7 +147,6 @@ def chunk_order(specs: list[ArraySpec]) -> list[tuple[int, int, Chunk]]:
     return out
 
 
-_BATCH_BYTES = 1 << 20  # small chunks go reader -> verifier in batches of about this size
 _Read = list[tuple[_Job, "memoryview | None"]]
 
 
@@ -155,31 +155,24 @@ def _read_stage(jobs: list[_Job], shards: Any, abort: threading.Event, consumers
     """Read the chunks in file order, one sequential stream (measured faster here than
     interleaved readers): raw chunks straight into their destination, others into a buffer.
     ``shards`` reads a chunk's stored bytes into a buffer (``fetch(chunk, into)``): from the
-    shard files, or from the I/O rank. Chunks are handed over in batches that end once they
-    hold ``_BATCH_BYTES`` (one queue hand-off per chunk cost a state of hundreds of small
-    arrays more than its checksums). Always ends with one end marker per verifier."""
+    shard files, or from the I/O rank. Chunks are handed over in runs (``_workers.runs``).
+    Always ends with one end marker per verifier."""
     try:
-        batch: _Read = []
-        size = 0
-        for job in jobs:
-            if abort.is_set():
-                break
-            spec, chunk, start, out_bytes = job
-            if is_raw(chunk):
-                shards.fetch(chunk, memoryview(out_bytes[start:start + chunk.raw_len]))
-                batch.append((job, None))
-            else:
-                stored = memoryview(bytearray(chunk.stored_len))
-                shards.fetch(chunk, stored)
-                batch.append((job, stored))
-            size += chunk.stored_len
-            if size >= _BATCH_BYTES:
-                out.put(batch)
-                batch, size = [], 0
-        else:
-            if batch:
-                out.put(batch)
-            shards.fetch_end()
+        for run in runs([job[1].stored_len for job in jobs]):
+            batch: _Read = []
+            for job in (jobs[i] for i in run):
+                if abort.is_set():
+                    return
+                spec, chunk, start, out_bytes = job
+                if is_raw(chunk):
+                    shards.fetch(chunk, memoryview(out_bytes[start:start + chunk.raw_len]))
+                    batch.append((job, None))
+                else:
+                    stored = memoryview(bytearray(chunk.stored_len))
+                    shards.fetch(chunk, stored)
+                    batch.append((job, stored))
+            out.put(batch)
+        shards.fetch_end()
     except EOFError as exc:
         abort.set()
         raise CorruptCheckpointError(f"a shard of {shards.directory} became shorter while it "

@@ -12,13 +12,32 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import anyio
 
-__all__ = ["WorkerThreads"]
+__all__ = ["WorkerThreads", "runs", "BATCH_BYTES"]
 
 T = TypeVar("T")
+
+
+BATCH_BYTES = 1 << 20
+
+
+def runs(sizes: Sequence[int], at_least: int = BATCH_BYTES) -> list[range]:
+    """Consecutive indices of ``sizes`` grouped into runs that end once they hold
+    ``at_least`` bytes (so a run holds at most one big item, at its end): what one thread
+    hands another at a time. One queue hand-off per chunk cost a save or a restore of
+    hundreds of small arrays about a tenth of its time."""
+    out, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= at_least:
+            out.append(range(start, i + 1))
+            start, total = i + 1, 0
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
 
 
 def _lower_priority() -> None:

@@ -32,13 +32,12 @@ from ._errors import SaveError, explain, first_error
 from ._format import Chunk, encode_manifest, shard_name
 from ._options import CheckpointOptions, SaveMetrics
 from ._staging import Arena, StagingPool, capacity_for
-from ._workers import WorkerThreads
+from ._workers import WorkerThreads, runs
 
 __all__ = ["Snapshot", "take_snapshot", "write_snapshot"]
 
 _SLICE_BYTES = 32 << 20
 _WRITEBACK_BYTES = 64 << 20
-_BATCH_BYTES = 1 << 20  # small chunks travel encoder -> writer in batches of about this size
 
 
 @dataclass
@@ -197,22 +196,6 @@ def _tasks(snap: Snapshot, chunk_bytes: int) -> list[_Task]:
     return tasks
 
 
-def _batches(tasks: list[_Task]) -> list[range]:
-    """Consecutive task indices grouped into runs that end once they hold ``_BATCH_BYTES``
-    (so a run holds at most one big chunk, at its end, and is at most ``_BATCH_BYTES`` plus
-    one chunk): one queue hand-off per run, not per chunk, which on a state of 400 small
-    arrays was about a tenth of a 16 MiB save's time."""
-    runs, start, size = [], 0, 0
-    for i, task in enumerate(tasks):
-        size += task.raw.size
-        if size >= _BATCH_BYTES:
-            runs.append(range(start, i + 1))
-            start, size = i + 1, 0
-    if start < len(tasks):
-        runs.append(range(start, len(tasks)))
-    return runs
-
-
 _Encoded = list[tuple[int, "memoryview | bytes", str, str, int]]
 
 
@@ -315,7 +298,7 @@ async def write_shard(snap: Snapshot, directory: str, name: str, options: Checkp
     """
     await snap.ready()
     tasks = _tasks(snap, options.chunk_bytes)
-    batches = _batches(tasks)
+    batches = runs([task.raw.size for task in tasks])
     results: list[tuple[int, Chunk] | None] = [None] * len(tasks)
     abort = threading.Event()
     counter = itertools.count().__next__

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import asyncckpt as ac
-from asyncckpt import _codec, _writer
+from asyncckpt import _codec, _workers
 
 rng = np.random.default_rng(7)
 
@@ -61,20 +61,16 @@ def test_a_well_shrinking_probe_that_timed_slow_is_timed_again(monkeypatch):
     assert enc.encode(np.zeros(1 << 20, np.uint8), 1)[1] == "raw"
 
 
-def _task(nbytes: int) -> _writer._Task:
-    return _writer._Task(0, np.zeros(nbytes, np.uint8), 1)
-
-
 def test_small_chunks_are_batched_in_order():
     sizes = [100 << 10] * 25 + [4 << 20, 3 << 20] + [10 << 10] * 7
-    runs = _writer._batches([_task(n) for n in sizes])
+    runs = _workers.runs(sizes)
     assert [i for run in runs for i in run] == list(range(len(sizes)))
     totals = [sum(sizes[i] for i in run) for run in runs]
-    assert all(t >= _writer._BATCH_BYTES for t in totals[:-1])
+    assert all(t >= _workers.BATCH_BYTES for t in totals[:-1])
     assert list(runs[2]) == [22, 23, 24, 25]  # the 4 MiB chunk ends the run it joins
     assert list(runs[3]) == [26]                   # a big chunk alone
     assert list(runs[-1]) == list(range(27, 34))   # the short tail
-    assert _writer._batches([]) == []
+    assert _workers.runs([]) == []
 
 
 async def test_many_small_arrays_round_trip_in_batches(tmp_path):
