@@ -44,21 +44,33 @@ def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-async def roundtrip():
+async def three_saves(options):
+    """Save steps 1-3 in the background (rank-local state new at each), keeping 2.
+    Returns the checkpoint, its step array, the manager and the last save's handle."""
     step = np.array(0)
     ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
-    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=CHECKED) as mgr:
+    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=options) as mgr:
         for i in (1, 2, 3):
             step[...] = i
             ckpt.optimizer = local(i)
             handle = await mgr.start_save()
             await handle.wait()
-        latest, kept, stored = mgr.latest_checkpoint, mgr.checkpoints, handle.metrics.stored_bytes
-    saved_m = ckpt.optimizer["m"].copy()
-    m = ckpt.optimizer["m"]
-    m[:] = -1
+    return ckpt, step, mgr, handle
+
+
+def clobber(ckpt, step):
+    """Change the values a restore of step 3 must bring back."""
+    ckpt.optimizer["m"][:] = -1
     ckpt.model["w"][:] = 0
     step[...] = 0
+
+
+async def roundtrip():
+    ckpt, step, mgr, handle = await three_saves(CHECKED)
+    latest, kept, stored = mgr.latest_checkpoint, mgr.checkpoints, handle.metrics.stored_bytes
+    saved_m = ckpt.optimizer["m"].copy()
+    m = ckpt.optimizer["m"]
+    clobber(ckpt, step)
     fresh = ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=OPTS)
     restored = await fresh.restore_or_initialize()
     emit(latest=latest, kept=kept, stored=stored, restored=restored,
@@ -151,19 +163,10 @@ async def io_device():
     calls = record_file_access()
     opts = ac.CheckpointOptions(coordination_timeout=20.0, check_replicated=True,
                                 experimental_io_device=f"/job:worker/replica:0/task:{io}")
-    step = np.array(0)
-    ckpt = ac.Checkpoint(model=model(), optimizer=local(0), step=step, replicated=["model/**"])
-    async with ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts) as mgr:
-        for i in (1, 2, 3):
-            step[...] = i
-            ckpt.optimizer = local(i)
-            handle = await mgr.start_save()
-            await handle.wait()
-        latest, kept = mgr.latest_checkpoint, mgr.checkpoints
+    ckpt, step, mgr, _ = await three_saves(opts)
+    latest, kept = mgr.latest_checkpoint, mgr.checkpoints
     m = ckpt.optimizer["m"]
-    m[:] = -1
-    ckpt.model["w"][:] = 0
-    step[...] = 0
+    clobber(ckpt, step)
     fresh = ac.CheckpointManager(ckpt, directory, max_to_keep=2, options=opts)
     restored = await fresh.restore_or_initialize()
     emit(latest=latest, kept=kept, restored=restored, step=int(step),
